@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine:
+#   make run    create .venv from pyproject.toml, run the whole pipeline (Prefect flow over DVC stages)
+#   make test   create .venv, run ruff, mypy and the test suite
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL ?= INFO
+export DVC_NO_ANALYTICS := 1
+export MPLBACKEND := Agg
+
+.PHONY: venv run repro test lint mlflow-ui prefect-ui clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	python -m flows.pipeline
+
+repro: venv
+	dvc repro
+
+lint: venv
+	ruff check .
+	ruff format --check .
+	mypy
+
+test: venv lint
+	pytest
+
+mlflow-ui: venv
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+prefect-ui: venv
+	prefect server start
+
+clean:
+	rm -rf .resume data/prepared data/augmented data/predictions models

@@ -1,0 +1,156 @@
+"""Prefect flow that schedules the DVC stages of the pipeline.
+
+ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> report.
+Every step is ``dvc --wait-for-lock repro -s <stage>``: DVC decides what is stale, so a
+second run with nothing changed is a no-op, and ``models=[...]`` reruns only those
+models (``force=True`` retrains them even when nothing changed) and what depends on them.
+
+All MLflow runs of one execution are grouped under a parent run; its id reaches the stage
+processes through ``MRI_ENSEMBLE_PARENT_RUN_ID``.
+
+    python -m flows.pipeline                      # everything that is stale
+    python -m flows.pipeline --models unet --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+from stages.common import PARENT_RUN_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, task_run_name="{stage}")
+def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
+    """Run one DVC stage; raises on a non-zero exit so Prefect marks it failed (and retries)."""
+    logger = get_run_logger()
+    cmd = ["dvc", "--wait-for-lock", "repro", "-s", stage] + (["-f"] if force else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    if proc.returncode != 0:
+        raise StageFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n" + "\n".join(tail))
+    skipped = any("didn't change, skipping" in line for line in tail)
+    logger.info(
+        "%s %s in %.1f s", stage, "up to date" if skipped else "ran", time.perf_counter() - t0
+    )
+    return stage
+
+
+def _chain(name: str, env: dict[str, str], force: bool) -> str:
+    dvc_stage.fn(f"train@{name}", env, force)
+    return dvc_stage.fn(f"evaluate@{name}", env)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name}")
+def train_and_evaluate(name: str, env: dict[str, str], force: bool = False) -> str:
+    """train@<name> then evaluate@<name> in one task (one model's branch of the DAG)."""
+    return _chain(name, env, force)
+
+
+def select_models(params: dict, models: list[str] | None) -> list[str]:
+    """``train`` keys to run: all, or those whose key or model name is in ``models``."""
+    entries = params["train"]
+    if not models:
+        return list(entries)
+    chosen = [k for k, e in entries.items() if k in models or e.get("model") in models]
+    known = sorted({*entries, *(e.get("model") for e in entries.values())})
+    missing = [m for m in models if m not in known]
+    if missing:
+        raise ValueError(f"unknown model(s) {missing}; known: {known}")
+    return chosen
+
+
+def _parent_run(params: dict) -> tuple[object, str]:
+    import mlflow
+
+    mlflow.set_tracking_uri(params["mlflow"]["tracking_uri"])
+    mlflow.set_experiment(params["mlflow"]["experiment"])  # creates the store once, up front
+    run = mlflow.start_run(run_name="pipeline", tags={"kind": "pipeline"})
+    return mlflow, run.info.run_id
+
+
+@flow(name="mri-ensemble-pipeline", log_prints=True)
+def pipeline(models: list[str] | None = None, force: bool = False, parallel: int = 0) -> dict:
+    """The whole DAG; ``models`` restricts training to those models (key or model name).
+
+    ``parallel`` models train at once (0: all), each with an equal share of the CPU
+    threads (at least one): on 2 cores, three 1-thread trainings beat three 2-thread
+    ones in turn, since a small network uses one thread more efficiently than two.
+    """
+    logger = get_run_logger()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    chosen = select_models(params, models)
+    tasks = sorted({params["train"][k]["task"] for k in chosen})
+    parallel = len(chosen) if parallel <= 0 else min(parallel, len(chosen))
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    mlflow, parent = _parent_run(params)
+    env = {PARENT_RUN_ENV: parent, "MRI_ENSEMBLE_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        for t in tasks:
+            dvc_stage(f"ingest@{t}", env)
+            dvc_stage(f"augment@{t}", env)
+        # one branch per model; `parallel` at a time, each with its share of the cores
+        futures = []
+        for i, name in enumerate(chosen):
+            if i >= parallel:
+                wait([futures[i - parallel]])  # a sliding window of `parallel` branches
+            futures.append(train_and_evaluate.submit(name, env, force))
+        failed = [
+            n for n, f in zip(chosen, futures, strict=True) if f.state.is_failed() or not _ok(f)
+        ]
+        if failed:
+            raise StageFailed(f"training failed for {failed}; the other models' results are kept")
+        for t in tasks:
+            dvc_stage(f"ensemble@{t}", env)
+        dvc_stage("report", env)
+        mlflow.log_artifact(str(ROOT / "reports" / "report.md"))
+        mlflow.log_artifacts(str(ROOT / "reports" / "figures"), artifact_path="figures")
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+    seconds = time.perf_counter() - t0
+    logger.info("pipeline finished in %.1f s (%s)", seconds, ", ".join(chosen))
+    return {"models": chosen, "seconds": seconds, "mlflow_parent_run": parent}
+
+
+def _ok(future: object) -> bool:
+    try:
+        future.result()  # type: ignore[attr-defined]
+        return True
+    except Exception:  # the task's own failure, already logged by Prefect
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", nargs="*", help="model names or <task>-<model> keys (default: all)")
+    ap.add_argument("--force", action="store_true", help="retrain the chosen models")
+    ap.add_argument("--parallel", type=int, default=0, help="models trained at once (0: all)")
+    args = ap.parse_args()
+    try:
+        pipeline(models=args.models, force=args.force, parallel=args.parallel)
+    except (StageFailed, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

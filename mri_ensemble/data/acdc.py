@@ -1,0 +1,380 @@
+"""Reader for cardiac short-axis MRI in the ACDC challenge layout.
+
+Layout (``root`` may hold ``training/`` and/or ``testing/``, or the patient folders directly)::
+
+    <root>/training/patient001/Info.cfg                    ED: 1, ES: 12, Group: DCM, ...
+    <root>/training/patient001/patient001_4d.nii.gz        the cine: never opened here
+    <root>/training/patient001/patient001_frame01.nii.gz   ED image, (x, y, z)
+    <root>/training/patient001/patient001_frame01_gt.nii.gz
+    <root>/training/patient001/patient001_frame12.nii.gz   ES image
+    <root>/training/patient001/patient001_frame12_gt.nii.gz
+
+Labels are 0 background, 1 right ventricle, 2 myocardium, 3 left-ventricle cavity.
+
+A NIfTI array indexed ``(x, y, z)`` with zooms ``(dx, dy, dz)`` becomes an array indexed
+``(S, H, W) = (z, y, x)`` (``np.transpose(data, (2, 1, 0))``, no flips), so that image rows run
+along y and columns along x. Each slice is then resampled in-plane to ``spacing_mm`` (image:
+linear, label: nearest neighbour; slices are never interpolated across), intensity-normalised
+(:func:`normalize_intensity`) and centre-cropped / padded to ``size`` x ``size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, SpatialImage
+from nibabel.wrapstruct import WrapStructError
+from scipy import ndimage
+from tqdm import tqdm
+
+from mri_ensemble.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+PHASES: tuple[str, str] = ("ED", "ES")
+LABEL_VALUES: tuple[int, ...] = (0, 1, 2, 3)
+CLASS_NAMES: tuple[str, ...] = ("background", "RV", "myocardium", "LV")
+_PATIENT_RE = re.compile(r"^patient\d+$")
+_NIFTI_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    WrapStructError,
+    OSError,  # includes gzip.BadGzipFile
+    EOFError,  # truncated gzip stream
+    zlib.error,
+    ValueError,  # e.g. a data block shorter than the header says
+)
+
+
+@dataclass
+class Volume:
+    """One cardiac phase of one patient, ready for slice-wise training.
+
+    ``image`` is float32 (S, H, W) in [0, 1]; ``label`` is uint8 (S, H, W) with values in 0-3;
+    ``spacing`` is (dz, dy, dx) in mm of the returned arrays.
+    """
+
+    case: str
+    patient: str
+    phase: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    group: str
+
+
+def list_patients(root: Path) -> list[Path]:
+    """Patient folders (``patientNNN``) under ``root``, ``root/training`` and ``root/testing``.
+
+    Returns the folders sorted by patient name. Raises DataError when ``root`` is missing,
+    holds no patient folder, or the same patient name appears twice.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"ACDC root {root}: expected an existing folder, found nothing there")
+    found: dict[str, Path] = {}
+    for parent in (root, root / "training", root / "testing"):
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if not (child.is_dir() and _PATIENT_RE.match(child.name)):
+                continue
+            if child.name in found:
+                raise DataError(
+                    f"ACDC root {root}: patient {child.name} found twice "
+                    f"({found[child.name]} and {child}); expected unique patient names"
+                )
+            found[child.name] = child
+    if not found:
+        raise DataError(
+            f"ACDC root {root}: expected patient folders (patientNNN/) in it or in its "
+            "training/ or testing/ subfolders, found none"
+        )
+    return [found[name] for name in sorted(found)]
+
+
+def read_info_cfg(path: Path) -> dict[str, str]:
+    """Parse an ACDC ``Info.cfg`` (``Key: value`` lines) into a dict of stripped strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: expected the patient's Info.cfg file, found nothing there")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"{path}: expected a readable Info.cfg, got {exc}") from exc
+    info: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise DataError(f"{path}: line {number}: expected 'Key: value', found {line!r}")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def normalize_intensity(
+    image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0
+) -> np.ndarray:
+    """Clip to the [low_pct, high_pct] percentiles of ``image`` and scale that range to [0, 1].
+
+    Any shape in, float32 of the same shape out. A constant image maps to all zeros.
+    """
+    lo, hi = np.percentile(image, [low_pct, high_pct])
+    if not hi > lo:
+        return np.zeros(image.shape, dtype=np.float32)
+    out = (np.clip(image, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32)
+
+
+def resample_inplane(
+    volume: np.ndarray, spacing_hw: tuple[float, float], target_mm: float, *, order: int
+) -> np.ndarray:
+    """Resample each slice of ``volume`` (S, H, W) from ``spacing_hw`` (dy, dx) to ``target_mm``.
+
+    Pixel centres are aligned (output pixel o samples input coordinate (o + 0.5) r - 0.5 with
+    r = target / spacing), so the field of view is kept and the output spacing is exactly
+    ``target_mm``. ``order`` 1 is linear (images), 0 nearest neighbour (labels).
+    Returns (S, round(H dy / target), round(W dx / target)) of the input dtype.
+    """
+    s, h, w = volume.shape
+    ratio_h = target_mm / spacing_hw[0]
+    ratio_w = target_mm / spacing_hw[1]
+    if abs(ratio_h - 1.0) < 1e-6 and abs(ratio_w - 1.0) < 1e-6:
+        return volume.copy()
+    out_shape = (s, max(1, round(h / ratio_h)), max(1, round(w / ratio_w)))
+    return ndimage.affine_transform(
+        volume,
+        np.array([1.0, ratio_h, ratio_w]),
+        offset=np.array([0.0, 0.5 * ratio_h - 0.5, 0.5 * ratio_w - 0.5]),
+        output_shape=out_shape,
+        order=order,
+        mode="nearest",
+    )
+
+
+def center_crop_or_pad(volume: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """Centre-crop or pad the last two axes of ``volume`` (S, H, W) to (S, size, size).
+
+    Padding uses the constant ``fill``; odd differences put the extra row/column at the end.
+    """
+    out = volume
+    for axis in (1, 2):
+        n = out.shape[axis]
+        if n > size:
+            start = (n - size) // 2
+            out = np.take(out, np.arange(start, start + size), axis=axis)
+        elif n < size:
+            before = (size - n) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = (before, size - n - before)
+            out = np.pad(out, pad, mode="constant", constant_values=fill)
+    return out
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Load a 3D NIfTI file: returns its (x, y, z) array and zooms (dx, dy, dz) in mm."""
+    if not path.is_file():
+        raise DataError(f"{path}: expected a NIfTI file, found nothing there")
+    try:
+        img = nib.load(path, mmap=False)
+        if not isinstance(img, SpatialImage):
+            raise ImageFileError(f"not an image file ({type(img).__name__})")
+        data = np.asarray(img.dataobj)
+        zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())
+    except _NIFTI_ERRORS as exc:
+        msg = str(exc).splitlines()[0].replace(str(path), path.name) if str(exc) else ""
+        msg = msg or type(exc).__name__
+        raise DataError(
+            f"{path}: expected a readable NIfTI file, found a corrupt one ({msg})"
+        ) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D (x, y, z) image, found shape {data.shape}")
+    if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms[:3]):
+        raise DataError(f"{path}: expected 3 positive voxel sizes, found zooms {zooms}")
+    return data, (zooms[0], zooms[1], zooms[2])
+
+
+def _frame_path(folder: Path, stem: str) -> Path:
+    """``folder/stem.nii.gz``, or ``folder/stem.nii`` when only that exists."""
+    gz = folder / f"{stem}.nii.gz"
+    plain = folder / f"{stem}.nii"
+    return plain if not gz.exists() and plain.exists() else gz
+
+
+def _read_phase(
+    folder: Path, patient: str, phase: str, frame: int, group: str, size: int, spacing_mm: float
+) -> Volume:
+    image_path = _frame_path(folder, f"{patient}_frame{frame:02d}")
+    label_path = _frame_path(folder, f"{patient}_frame{frame:02d}_gt")
+    if not image_path.is_file():
+        raise DataError(f"{image_path}: expected the {phase} frame image, found nothing there")
+    if not label_path.is_file():
+        raise DataError(
+            f"{label_path}: expected the {phase} ground-truth labels (_gt), found nothing there"
+        )
+    image, zooms = _load_nifti(image_path)
+    label, label_zooms = _load_nifti(label_path)
+    if image.shape != label.shape:
+        raise DataError(
+            f"{label_path}: expected the shape of {image_path.name} {image.shape}, "
+            f"found {label.shape}"
+        )
+    if not np.allclose(zooms, label_zooms, rtol=1e-3, atol=1e-4):
+        raise DataError(
+            f"{label_path}: expected the voxel sizes of {image_path.name} {zooms}, "
+            f"found {label_zooms}"
+        )
+    if not np.all(np.isfinite(image)):
+        raise DataError(f"{image_path}: expected finite intensities, found NaN or Inf values")
+    values = np.unique(label)
+    bad = values[~np.isin(values, LABEL_VALUES)]
+    if bad.size:
+        shown = ", ".join(f"{v:g}" for v in bad[:10].tolist())
+        raise DataError(f"{label_path}: expected label values 0-3, found values {shown}")
+
+    dx, dy, dz = zooms
+    image_shw = np.transpose(image.astype(np.float32), (2, 1, 0))  # (x, y, z) -> (S, H, W)
+    label_shw = np.transpose(label, (2, 1, 0)).astype(np.uint8)  # (S, H, W)
+    image_shw = resample_inplane(image_shw, (dy, dx), spacing_mm, order=1)
+    label_shw = resample_inplane(label_shw, (dy, dx), spacing_mm, order=0)
+    image_shw = normalize_intensity(image_shw)  # over the whole field of view, before cropping
+    image_shw = center_crop_or_pad(image_shw, size, fill=float(image_shw.min()))
+    label_shw = center_crop_or_pad(label_shw, size, fill=0)
+    return Volume(
+        case=f"{patient}_{phase}",
+        patient=patient,
+        phase=phase,
+        image=np.ascontiguousarray(image_shw, dtype=np.float32),
+        label=np.ascontiguousarray(label_shw, dtype=np.uint8),
+        spacing=(dz, float(spacing_mm), float(spacing_mm)),
+        group=group,
+    )
+
+
+def _check_geometry(size: int, spacing_mm: float) -> None:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ConfigError(f"size: expected a positive integer (pixels), found {size!r}")
+    if not (
+        isinstance(spacing_mm, int | float | np.floating)
+        and np.isfinite(spacing_mm)
+        and spacing_mm > 0
+    ):
+        raise ConfigError(f"spacing_mm: expected a positive number (mm), found {spacing_mm!r}")
+
+
+def read_patient(folder: Path, *, size: int, spacing_mm: float) -> list[Volume]:
+    """Read the ED and ES volumes of one patient folder (in that order).
+
+    Each Volume holds image float32 (S, size, size), label uint8 (S, size, size) and spacing
+    (dz, spacing_mm, spacing_mm). The cine ``_4d`` file is never opened.
+    """
+    _check_geometry(size, spacing_mm)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: expected a patient folder, found nothing there")
+    patient = folder.name
+    cfg_path = folder / "Info.cfg"
+    info = read_info_cfg(cfg_path)
+    group = info.get("Group", "unknown")
+    volumes = []
+    for phase in PHASES:
+        if phase not in info:
+            raise DataError(f"{cfg_path}: expected a '{phase}:' line (frame number), found none")
+        try:
+            frame = int(info[phase])
+        except ValueError:
+            raise DataError(
+                f"{cfg_path}: expected an integer frame number for {phase}, found {info[phase]!r}"
+            ) from None
+        if frame < 1:
+            raise DataError(f"{cfg_path}: expected a 1-based frame for {phase}, found {frame}")
+        volumes.append(_read_phase(folder, patient, phase, frame, group, size, spacing_mm))
+    return volumes
+
+
+def read_acdc(
+    root: Path,
+    *,
+    size: int,
+    spacing_mm: float,
+    patients: Sequence[str] | None = None,
+    progress: bool = False,
+) -> list[Volume]:
+    """Read ED and ES volumes of every patient (or of ``patients``) under an ACDC ``root``.
+
+    Returns Volumes sorted by patient, ED before ES; see :func:`read_patient` for shapes.
+    """
+    _check_geometry(size, spacing_mm)
+    folders = list_patients(Path(root))
+    if patients is not None:
+        by_name = {f.name: f for f in folders}
+        missing = sorted(set(patients) - set(by_name))
+        if missing:
+            raise DataError(
+                f"ACDC root {root}: expected patients {', '.join(missing[:10])}, "
+                f"found no such folders ({len(by_name)} patients present)"
+            )
+        folders = [by_name[name] for name in sorted(set(patients))]
+    volumes: list[Volume] = []
+    for folder in tqdm(
+        folders, desc="ACDC patients", unit="patient", disable=None if progress else True
+    ):
+        volumes.extend(read_patient(folder, size=size, spacing_mm=spacing_mm))
+    logger.info("read %d volumes of %d patients from %s", len(volumes), len(folders), root)
+    return volumes
+
+
+def split_patients(
+    patients: Sequence[str], fractions: Mapping[str, float], seed: int
+) -> dict[str, list[str]]:
+    """Split patient ids into named groups by ``fractions`` (e.g. train/val/test), seeded.
+
+    Whole patients are assigned, never slices. Counts follow the fractions by largest
+    remainder; every split gets at least one patient. The result keeps the key order of
+    ``fractions``, each list sorted, and depends only on the set of ids and ``seed``.
+    """
+    if not fractions:
+        raise ConfigError("fractions: expected at least one split, found an empty mapping")
+    for name, frac in fractions.items():
+        if not (isinstance(frac, int | float) and np.isfinite(frac) and frac > 0):
+            raise ConfigError(f"fractions: expected {name!r} > 0, found {frac!r}")
+    total = float(sum(fractions.values()))
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"fractions: expected values summing to 1, found sum {total:.6g}")
+    ids = sorted(patients)
+    if len(set(ids)) != len(ids):
+        dup = sorted({p for p in ids if ids.count(p) > 1})
+        raise DataError(f"expected unique patient ids to split, found duplicates {dup[:10]}")
+    names = list(fractions)
+    n, k = len(ids), len(names)
+    if n < k:
+        raise DataError(f"expected at least {k} patients to fill splits {names}, found {n}")
+
+    raw = np.array([fractions[name] * n for name in names])
+    counts = np.floor(raw).astype(int)
+    order = sorted(range(k), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: n - int(counts.sum())]:
+        counts[i] += 1
+    for i in range(k):  # every split non-empty: take from the largest one
+        if counts[i] == 0:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] = 1
+
+    shuffled = [ids[j] for j in np.random.default_rng(seed).permutation(n)]
+    out: dict[str, list[str]] = {}
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        out[name] = sorted(shuffled[start : start + int(count)])
+        start += int(count)
+    return out

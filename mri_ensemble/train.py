@@ -1,0 +1,307 @@
+"""The training engine: one ``fit`` for every task and network.
+
+Adam + weight decay, an LR schedule, early stopping on the validation loss, a progress
+bar, deterministic seeding, device ``auto`` (CUDA with mixed precision where present),
+self-describing checkpoints written atomically every epoch (``last.pt``) and on every
+improvement (``best.pt``), and resume from ``last.pt`` after a killed run.
+
+The engine knows nothing of trackers: it calls ``on_epoch(row)`` after each epoch and the
+stage decides what to log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, DataError
+from .io import atomic_path
+from .nets import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "mri-ensemble-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; every default lives here and nowhere else."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine | step | none
+    step_epochs: tuple[int, ...] = (10, 15, 20, 25)  # for "step": halve at these epochs (R0)
+    gamma: float = 0.5
+    patience: int = 5  # early stopping on val_loss (R2)
+    min_delta: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision, CUDA only
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
+        """Build from a params.yaml mapping, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"unknown training param(s) {unknown}; known: {sorted(known)}")
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "patience": self.patience >= 1,
+            "scheduler": self.scheduler in ("cosine", "step", "none"),
+            "device": self.device in ("auto", "cpu", "cuda"),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"bad training param {key}={getattr(self, key)!r}")
+
+
+@dataclass
+class ModelSpec:
+    """What rebuilds a network: registry name, its config and its channel counts."""
+
+    arch: str
+    config: dict[str, Any] = field(default_factory=dict)
+    in_channels: int = 1
+    out_channels: int = 4
+
+    def build(self) -> nn.Module:
+        return build_model(self.arch, self.in_channels, self.out_channels, self.config)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use 'auto'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; deterministic kernels (warn only where none exists)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable hash of a JSON-able object (resolved params + data identity)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_fingerprint(spec: ModelSpec, cfg: TrainConfig, meta: Mapping[str, Any]) -> str:
+    """Identity of a training run: a ``last.pt`` with the same one is resumed."""
+    return fingerprint({"meta": meta, "spec": asdict(spec), "cfg": asdict(cfg)})
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by this engine; DataError if missing or not one."""
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return state
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a network from its checkpoint alone; returns (model in eval mode, checkpoint)."""
+    state = load_checkpoint(path)
+    model = ModelSpec(**state["spec"]).build()
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), state
+
+
+def _make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.step_epochs), gamma=cfg.gamma)
+    return None
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Validate = Callable[[nn.Module, torch.device], dict[str, float]]
+
+
+def fit(
+    spec: ModelSpec,
+    train_set: Dataset[Batch],
+    loss_fn: nn.Module,
+    validate: Validate,
+    cfg: TrainConfig,
+    work_dir: Path,
+    meta: Mapping[str, Any],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``spec`` on ``train_set``; checkpoints go to ``work_dir``.
+
+    ``validate(model, device)`` returns at least ``val_loss`` (lower is better) plus any
+    task metrics; it is called once per epoch with the model in eval mode.
+    ``meta`` (task, model name, resolved params, data identity, ...) is stored in every
+    checkpoint; its fingerprint decides whether an existing ``work_dir/last.pt`` is
+    resumed (same run, killed) or discarded (anything changed).
+    Returns the final ``last.pt`` state without weights: history, best epoch, etc.
+    """
+    device = resolve_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    seed_everything(cfg.seed)
+    model = spec.build().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _make_scheduler(opt, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    fp = training_fingerprint(spec, cfg, meta)
+
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": asdict(spec),
+        "train_config": asdict(cfg),
+        "meta": dict(meta),
+        "fingerprint": fp,
+        "git_rev": git_revision(),
+        "epoch": 0,
+        "history": [],
+        "best_epoch": 0,
+        "best_val_loss": float("inf"),
+        "bad_epochs": 0,
+        "stopped_early": False,
+    }
+    last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
+    if last_path.is_file():
+        old = load_checkpoint(last_path)
+        if old.get("fingerprint") == fp:
+            model.load_state_dict(old["state_dict"])
+            opt.load_state_dict(old["optimizer"])
+            if sched is not None and old.get("scheduler"):
+                sched.load_state_dict(old["scheduler"])
+            scaler.load_state_dict(old["scaler"])
+            torch.set_rng_state(old["rng"]["torch"])
+            state.update({k: old[k] for k in state if k in old and k not in ("git_rev",)})
+            log.info("resuming %s from epoch %d", last_path, old["epoch"])
+        else:
+            log.info("%s belongs to other params or data; starting afresh", last_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if state["stopped_early"]:
+            break
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable shuffling
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            leave=False,
+            disable=None if progress else True,
+        )
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                out = model(x)
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                raise DataError(f"training loss became {loss.item()} at epoch {epoch}")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        if sched is not None:
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            val = validate(model, device)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
+        row.update(val)
+        state["history"].append(row)
+        state["epoch"] = epoch
+        improved = val["val_loss"] < state["best_val_loss"] - cfg.min_delta
+        if improved:
+            state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = (
+                val["val_loss"],
+                epoch,
+                0,
+            )
+        else:
+            state["bad_epochs"] += 1
+            state["stopped_early"] = state["bad_epochs"] >= cfg.patience
+        ckpt = dict(
+            state,
+            state_dict=model.state_dict(),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict() if sched is not None else None,
+            scaler=scaler.state_dict(),
+            rng={"torch": torch.get_rng_state()},
+        )
+        if improved:
+            save_checkpoint(best_path, ckpt)
+        save_checkpoint(last_path, ckpt)
+        log.info(
+            "epoch %d/%d %s",
+            epoch,
+            cfg.epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
+        )
+        if on_epoch is not None:
+            on_epoch(row)
+        if state["stopped_early"]:
+            log.info("early stopping: val_loss did not improve for %d epochs", cfg.patience)
+    return state
+
+
+def set_threads_from_env() -> None:
+    """Honour ``MRI_ENSEMBLE_THREADS`` (set by the Prefect flow for parallel training)."""
+    n = os.environ.get("MRI_ENSEMBLE_THREADS")
+    if n:
+        torch.set_num_threads(max(1, int(n)))

@@ -1,0 +1,134 @@
+"""What every stage shares: params.yaml access, the CLI wrapper, MLflow runs.
+
+Stages are thin: read their params section once, take dep/out paths from the command line
+that dvc.yaml gives them, call the library, write outs atomically, log to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mri_ensemble.errors import ConfigError, PipelineError
+from mri_ensemble.train import git_revision
+
+PARAMS_FILE = Path(os.environ.get("MRI_ENSEMBLE_PARAMS", "params.yaml"))
+PARENT_RUN_ENV = "MRI_ENSEMBLE_PARENT_RUN_ID"
+log = logging.getLogger("stages")
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def get(
+    params: Mapping[str, Any], dotted: str, default: Any = ..., kind: type | None = None
+) -> Any:
+    """``params['a']['b']`` for ``'a.b'``; ConfigError naming the key if missing or mistyped."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is not ...:
+                return default
+            raise ConfigError(f"params.yaml: missing key {dotted!r}")
+        node = node[part]
+    if kind is not None and not isinstance(node, kind):
+        raise ConfigError(f"params.yaml: key {dotted!r} should be {kind.__name__}, found {node!r}")
+    return node
+
+
+def model_entry(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The ``train.<task>-<model>`` entry, checked for its required keys."""
+    entry = get(params, f"train.{name}", kind=dict)
+    for key in ("task", "model", "arch"):
+        if key not in entry:
+            raise ConfigError(f"params.yaml: missing key 'train.{name}.{key}'")
+    if name != f"{entry['task']}-{entry['model']}":
+        raise ConfigError(
+            f"params.yaml: key 'train.{name}' should be '<task>-<model>' = "
+            f"'{entry['task']}-{entry['model']}'"
+        )
+    return entry
+
+
+def task_models(params: Mapping[str, Any], task: str) -> list[str]:
+    """Model names of ``task`` in params.yaml order."""
+    return [e["model"] for e in get(params, "train", kind=dict).values() if e.get("task") == task]
+
+
+def cli(main: Callable[[], None]) -> Callable[[], None]:
+    """Run ``main`` with logging set up; user errors become one line and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper() -> None:
+        logging.basicConfig(
+            level=os.environ.get("MRI_ENSEMBLE_LOG", "INFO"),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            main()
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3} (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    params: Mapping[str, Any],
+    run_name: str,
+    tags: Mapping[str, str],
+    run_id: str | None = None,
+) -> Iterator[Any]:
+    """Start (or continue, with ``run_id``) an MLflow run in the configured store.
+
+    Runs started inside a pipeline execution (the Prefect flow exports
+    ``MRI_ENSEMBLE_PARENT_RUN_ID``) become children of its parent run.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(get(params, "mlflow.tracking_uri", "sqlite:///mlflow.db"))
+    mlflow.set_experiment(get(params, "mlflow.experiment", "mri-ensemble"))
+    all_tags = {
+        "git_revision": git_revision(),
+        "dvc_stage": os.environ.get("DVC_STAGE", "manual"),
+        **tags,
+    }
+    kwargs: dict[str, Any] = {"run_id": run_id} if run_id else {"run_name": run_name}
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent and not run_id:
+        kwargs["parent_run_id"] = parent
+    with mlflow.start_run(tags=all_tags, **kwargs) as run:
+        yield run

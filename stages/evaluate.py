@@ -1,0 +1,76 @@
+"""evaluate@<task>-<model>: score the best checkpoint on val and test, save its outputs.
+
+Writes ``<out>/{val,test}.h5`` (probabilities for the ensemble) and ``<out>/metrics.json``
+(Dice and IoU per class and mean foreground), and logs ``test_*`` metrics to the model's
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mri_ensemble.data.predictions import write_probabilities
+from mri_ensemble.data.prepared import read_segmentation_h5
+from mri_ensemble.io import atomic_path, write_json
+from mri_ensemble.metrics import segmentation_scores
+from mri_ensemble.nets import count_parameters
+from mri_ensemble.segmentation import predict_probabilities
+from mri_ensemble.train import load_model, resolve_device, set_threads_from_env
+
+from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry
+
+
+@cli
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="prepared folder with val/test.h5")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    params = load_params()
+    entry = model_entry(params, args.name)
+    set_threads_from_env()
+    device = resolve_device(get(params, "device"))
+    model, ckpt = load_model(args.checkpoint, device)
+    metrics: dict = {"params": count_parameters(model), "best_epoch": ckpt["epoch"]}
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        for split in ("val", "test"):
+            data = read_segmentation_h5(args.data / f"{split}.h5")
+            probs = predict_probabilities(model, data.image, device, progress=True, desc=split)
+            pred = probs.argmax(1).astype(np.uint8)
+            metrics[split] = segmentation_scores(pred, data.label, data.case)
+            write_probabilities(tmp / f"{split}.h5", probs, data.case, {"model": entry["model"]})
+        write_json(tmp / "metrics.json", metrics)
+    summary_file = args.checkpoint.parent / "summary.json"
+    run_id = (
+        json.loads(summary_file.read_text()).get("mlflow_run_id")
+        if summary_file.is_file()
+        else None
+    )
+    tags = {"task": entry["task"], "model": entry["model"], "kind": "model"}
+    with mlflow_run(params, entry["model"], tags, run_id=run_id):
+        import mlflow
+
+        # val_* is the per-epoch series of the training run; the best checkpoint's val
+        # scores are best_val_*, test scores test_* (same names for every model).
+        mlflow.log_metrics(
+            {
+                f"{'test' if split == 'test' else 'best_val'}_{k}".replace(".", "_"): v
+                for split in ("val", "test")
+                for k, v in flatten(metrics[split]).items()
+                if isinstance(v, float) and np.isfinite(v)
+            }
+        )
+    log.info(
+        "%s: val IoU %.4f, test IoU %.4f", args.name, metrics["val"]["iou"], metrics["test"]["iou"]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The whole DAG, tiny profile, in a temporary copy of the project.
+
+One Prefect flow run over the real DVC stages with MLflow logging, then: a second run is a
+no-op; changing one model's params makes only that model (and the ensemble and report)
+stale; a forced single-model rerun retrains that model only; a bad param fails with one
+line naming the key and leaves the committed outputs alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("unet", "attention_unet", "unetpp")
+
+
+def tiny_params() -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["ingest"]["segmentation"].update(n_patients=5, size=32, spacing_mm=4.5)
+    p["augment"]["segmentation"]["copies"] = 1
+    p["train"]["segmentation-unet"]["net"]["features"] = [4, 8, 16]
+    p["train"]["segmentation-attention_unet"]["net"]["channels"] = [4, 8, 16]
+    p["train"]["segmentation-unetpp"]["net"]["features"] = [4, 4, 8, 8, 16, 4]
+    for entry in p["train"].values():
+        entry["optim"].update(epochs=2, batch_size=8)
+    p["ensemble"]["segmentation"]["n_random"] = 8
+    p["report"]["overlay_slices"] = 2
+    return p
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PREFECT_HOME": str(cwd / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MPLBACKEND": "Agg",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny-profile copy of the project that has run the Prefect flow once."""
+    proj = tmp_path_factory.mktemp("proj")
+    for name in ("mri_ensemble", "stages", "flows"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", proj)
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    sh(["git", "init", "-q"], proj)
+    sh(["dvc", "init", "-q"], proj)
+    sh([sys.executable, "-m", "flows.pipeline"], proj)
+    return proj
+
+
+def mtimes(proj: Path) -> dict[str, int]:
+    return {m: (proj / "models/segmentation" / m / "best.pt").stat().st_mtime_ns for m in MODELS}
+
+
+def test_flow_writes_every_output(project: Path):
+    metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
+    assert set(metrics["models"]) == set(MODELS)
+    for m in MODELS:
+        assert set(metrics["models"][m]) == {"val", "test", "params"}
+        assert {"iou", "dice", "per_class"} <= set(metrics["models"][m]["test"])
+        assert set(metrics["models"][m]["test"]["per_class"]) == {"RV", "myocardium", "LV"}
+    ens = metrics["ensemble"]
+    assert set(ens["weights"]) == set(MODELS)
+    assert sum(ens["weights"].values()) == pytest.approx(1.0)
+    best_val = max(metrics["models"][m]["val"]["iou"] for m in MODELS)
+    assert ens["val"]["iou"] >= best_val - 1e-9, (
+        "searched on val: never below the best single model"
+    )
+    assert "test" in metrics["baselines"]["threshold"]
+    report = (project / "reports/report.md").read_text()
+    assert "ensemble" in report and "threshold baseline" in report
+    for fig in ("loss_curves", "per_class_dice", "overlays", "gain_cost"):
+        png = project / f"reports/figures/segmentation_{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/segmentation_{fig}.png" in report
+    with (project / "reports/segmentation/history/unet.csv").open() as f:
+        header = f.readline().strip().split(",")
+    assert {"epoch", "train_loss", "val_loss", "val_iou"} <= set(header)
+
+
+def test_mlflow_runs_grouped_under_one_parent(project: Path):
+    db = sqlite3.connect(project / "mlflow.db")
+    runs = dict(db.execute("SELECT run_uuid, name FROM runs").fetchall())
+    parents = dict(
+        db.execute("SELECT run_uuid, value FROM tags WHERE key='mlflow.parentRunId'").fetchall()
+    )
+    pipeline = [r for r, n in runs.items() if n == "pipeline"]
+    assert len(pipeline) == 1
+    children = {runs[r] for r, p in parents.items() if p == pipeline[0]}
+    assert set(MODELS) <= children and any(c.startswith("ensemble") for c in children)
+    (unet,) = [r for r, n in runs.items() if n == "unet"]
+    steps = db.execute(
+        "SELECT key, step FROM metrics WHERE run_uuid=? AND key IN ('train_loss','val_loss')",
+        (unet,),
+    ).fetchall()
+    assert sorted(steps) == [("train_loss", 1), ("train_loss", 2), ("val_loss", 1), ("val_loss", 2)]
+    test_keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (unet,))}
+    assert {"test_iou", "test_dice"} <= test_keys
+
+
+def test_second_run_is_a_noop(project: Path):
+    before = mtimes(project)
+    assert "changed" not in sh(["dvc", "status"], project).stdout
+    out = sh([sys.executable, "-m", "flows.pipeline"], project)
+    assert mtimes(project) == before
+    log = out.stdout + out.stderr
+    assert "up to date in" in log and " ran in " not in log
+
+
+def test_one_model_param_change_makes_only_that_model_stale(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    original = (project / "params.yaml").read_text()
+    params["train"]["segmentation-unet"]["optim"]["lr"] = 0.002
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = sh(["dvc", "status", "--json"], project).stdout
+        stale = set(json.loads(status))
+    finally:
+        (project / "params.yaml").write_text(original)
+    allowed = {
+        "train@segmentation-unet",
+        "evaluate@segmentation-unet",
+        "ensemble@segmentation",
+        "report",
+    }
+    assert "train@segmentation-unet" in stale
+    assert stale <= allowed, f"unrelated stages stale: {stale - allowed}"
+
+
+def test_single_model_rerun_retrains_only_that_model(project: Path):
+    before = mtimes(project)
+    sh([sys.executable, "-m", "flows.pipeline", "--models", "unet", "--force"], project)
+    after = mtimes(project)
+    assert after["unet"] != before["unet"]
+    assert after["attention_unet"] == before["attention_unet"]
+    assert after["unetpp"] == before["unetpp"]
+
+
+def test_bad_param_gives_one_line_and_keeps_outputs(project: Path):
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["segmentation-unet"]["arch"] = "no_such_net"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = mtimes(project)
+    try:
+        proc = sh(
+            [
+                sys.executable,
+                "-m",
+                "stages.train",
+                "--name",
+                "segmentation-unet",
+                "--train",
+                "data/augmented/segmentation/train.h5",
+                "--val",
+                "data/prepared/segmentation/val.h5",
+                "--out",
+                "models/segmentation/unet",
+                "--history",
+                "reports/segmentation/history/unet.csv",
+            ],
+            project,
+            check=False,
+        )
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err == ["error: unknown model 'no_such_net'; known: attention_unet, unet, unetpp"]
+    assert mtimes(project) == before
