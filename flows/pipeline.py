@@ -15,7 +15,9 @@ processes through ``MRI_ENSEMBLE_PARENT_RUN_ID``.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ from prefect.futures import wait
 from stages.common import PARENT_RUN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (INFO|WARNING|ERROR) ")  # stages' log format
 
 
 class StageFailed(RuntimeError):
@@ -41,11 +44,26 @@ def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
     logger = get_run_logger()
     cmd = ["dvc", "--wait-for-lock", "repro", "-s", stage] + (["-f"] if force else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    skipped = False
+    # stream the stage's log lines (one per epoch while training) into the Prefect log
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            tail.append(line)
+            skipped |= "didn't change, skipping" in line
+            if LOG_LINE.match(line) or line.startswith(("error:", "Running stage")):
+                logger.info(line)
     if proc.returncode != 0:
         raise StageFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n" + "\n".join(tail))
-    skipped = any("didn't change, skipping" in line for line in tail)
     logger.info(
         "%s %s in %.1f s", stage, "up to date" if skipped else "ran", time.perf_counter() - t0
     )

@@ -276,6 +276,8 @@ def fit(
         else:
             state["bad_epochs"] += 1
             state["stopped_early"] = state["bad_epochs"] >= cfg.patience
+        if on_epoch is not None:  # before the checkpoint: a kill re-logs, never loses, an epoch
+            on_epoch(row)
         ckpt = dict(
             state,
             state_dict=model.state_dict(),
@@ -293,8 +295,6 @@ def fit(
             cfg.epochs,
             " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
         )
-        if on_epoch is not None:
-            on_epoch(row)
         if state["stopped_early"]:
             log.info("early stopping: val_loss did not improve for %d epochs", cfg.patience)
     return state

@@ -121,14 +121,20 @@ def mlflow_run(
 
     mlflow.set_tracking_uri(get(params, "mlflow.tracking_uri", "sqlite:///mlflow.db"))
     mlflow.set_experiment(get(params, "mlflow.experiment", "mri-ensemble"))
-    all_tags = {
-        "git_revision": git_revision(),
-        "dvc_stage": os.environ.get("DVC_STAGE", "manual"),
-        **tags,
-    }
-    kwargs: dict[str, Any] = {"run_id": run_id} if run_id else {"run_name": run_name}
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if parent and not run_id:
-        kwargs["parent_run_id"] = parent
-    with mlflow.start_run(tags=all_tags, **kwargs) as run:
+    kwargs: dict[str, Any]
+    if run_id:  # continuing a run: its tags (stage, revision) stay those of its start
+        kwargs = {"run_id": run_id}
+    else:
+        kwargs = {
+            "run_name": run_name,
+            "tags": {
+                "git_revision": git_revision(),
+                "dvc_stage": os.environ.get("DVC_STAGE", "manual"),
+                **tags,
+            },
+        }
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:
+            kwargs["parent_run_id"] = parent
+    with mlflow.start_run(**kwargs) as run:
         yield run

@@ -49,9 +49,9 @@ def overlay_slices(label: np.ndarray, k: int) -> np.ndarray:
     return np.sort(ranked[np.linspace(0, len(ranked) - 1, k).astype(int)])
 
 
-def segmentation_section(params: dict, figures: Path) -> list[str]:
+def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
     task = "segmentation"
-    rep = Path("reports") / task
+    rep = args.reports / task
     metrics = json.loads((rep / "metrics.json").read_text())
     ens_details = json.loads((rep / "ensemble.json").read_text())
     models = task_models(params, task)
@@ -117,7 +117,7 @@ def segmentation_section(params: dict, figures: Path) -> list[str]:
     points["ensemble"] = (kept / 1e6, ens["test"]["iou"])
     plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", "test IoU")
 
-    test = read_segmentation_h5(Path("data/prepared") / task / "test.h5")
+    test = read_segmentation_h5(args.prepared / task / "test.h5")
     idx = overlay_slices(test.label, int(get(params, "report.overlay_slices", 4)))
     probs = np.stack(
         [
@@ -147,6 +147,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--figures", type=Path, required=True)
+    ap.add_argument(
+        "--reports", type=Path, default=Path("reports"), help="holds <task>/metrics.json"
+    )
+    ap.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--predictions", type=Path, default=Path("data/predictions"))
     args = ap.parse_args()
     params = load_params()
     lines = [
@@ -157,7 +162,7 @@ def main() -> None:
     ]
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
-        lines += segmentation_section(params, tmp_fig)
+        lines += segmentation_section(params, args, tmp_fig)
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
     log.info("wrote %s and %s/", args.out, args.figures)

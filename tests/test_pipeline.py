@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,8 @@ def tiny_params() -> dict:
     return p
 
 
-def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
+def env_for(cwd: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "PREFECT_HOME": str(cwd / ".prefect"),
@@ -46,6 +47,10 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
         "MPLBACKEND": "Agg",
         "DVC_NO_ANALYTICS": "1",
     }
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = env_for(cwd)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -188,3 +193,44 @@ def test_bad_param_gives_one_line_and_keeps_outputs(project: Path):
     err = proc.stderr.strip().splitlines()
     assert err == ["error: unknown model 'no_such_net'; known: attention_unet, unet, unetpp"]
     assert mtimes(project) == before
+
+
+def test_killed_training_resumes_with_its_mlflow_run(project: Path):
+    """SIGKILL a training after its second epoch; the rerun resumes and finishes the run."""
+    from mri_ensemble.train import load_checkpoint
+
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    entry = json.loads(json.dumps(params["train"]["segmentation-unet"]))
+    entry["model"] = "killme"
+    entry["optim"].update(epochs=6, patience=50)
+    params["train"]["segmentation-killme"] = entry
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = project / "models/segmentation/killme"
+    cmd = [sys.executable, "-m", "stages.train", "--name", "segmentation-killme",
+           "--train", "data/augmented/segmentation/train.h5",
+           "--val", "data/prepared/segmentation/val.h5",
+           "--out", str(out), "--history", str(project / "killme.csv")]  # fmt: skip
+    last = project / ".resume/segmentation/killme/last.pt"
+    try:
+        proc = subprocess.Popen(cmd, cwd=project, env=env_for(project),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not (last.is_file() and load_checkpoint(last)["epoch"] >= 2):
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        assert not out.exists(), "a killed training leaves no output that looks whole"
+        second = sh(cmd, project)
+        assert "resuming" in second.stderr
+        history = json.loads((out / "history.json").read_text())
+        assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+        db = sqlite3.connect(project / "mlflow.db")
+        (run,) = db.execute("SELECT run_uuid FROM runs WHERE name='killme'").fetchall()
+        steps = [s for (s,) in db.execute(
+            "SELECT step FROM metrics WHERE run_uuid=? AND key='train_loss' ORDER BY step", run)]  # fmt: skip
+        assert steps[-1] == 6 and set(steps) == {1, 2, 3, 4, 5, 6}
+    finally:
+        (project / "params.yaml").write_text(original)

@@ -67,7 +67,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 
     with pytest.raises(Kill):
         fit(SPEC, ds, loss_fn, make_validate(ds, loss_fn), cfg, killed, meta, kill_after_two, False)
-    assert load_checkpoint(killed / "last.pt")["epoch"] == 2
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1  # killed before saving epoch 2
     resumed = fit(SPEC, ds, loss_fn, make_validate(ds, loss_fn), cfg, killed, meta, None, False)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
     a = load_checkpoint(killed / "last.pt")["state_dict"]

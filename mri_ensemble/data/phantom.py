@@ -469,3 +469,22 @@ def write_acdc_phantom(
         "wrote %d phantom patients (seed %d) to %s", n_patients, seed, Path(root) / "training"
     )
     return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mri_ensemble.data.phantom OUT``: write the phantom to look at it."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the cardiac phantom in the ACDC layout.")
+    ap.add_argument("out", type=Path, help="folder to create (gets training/patientNNN/)")
+    ap.add_argument("--patients", type=int, default=30)
+    ap.add_argument(
+        "--seed", type=int, default=42, help="params.yaml's seed gives ingest's phantom"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_acdc_phantom(args.out, args.patients, args.seed)
+
+
+if __name__ == "__main__":
+    main()
