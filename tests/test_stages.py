@@ -110,36 +110,11 @@ def test_bad_params_name_the_key(tmp_path, acdc):
     )
     p = ingest_params(acdc)
     p["train"]["segmentation-unet"]["optim"]["epoch"] = 3
-    proc = run_stage(
-        tmp_path,
-        p,
-        "stages.train",
-        "--name",
-        "segmentation-unet",
-        "--train",
-        "x.h5",
-        "--val",
-        "y.h5",
-        "--out",
-        "m",
-        "--history",
-        "h.csv",
-    )
-    one_line_error(proc, "epoch")
-    proc = run_stage(
-        tmp_path,
-        p,
-        "stages.train",
-        "--name",
-        "segmentation-nope",
-        "--train",
-        "x.h5",
-        "--val",
-        "y.h5",
-        "--out",
-        "m",
-        "--history",
-        "h.csv",
-    )
-    one_line_error(proc, "train.segmentation-nope")
+    paths = ["--train", "x.h5", "--val", "y.h5", "--out", "m", "--history", "h.csv"]
+    for name, needle in (
+        ("segmentation-unet", "epoch"),
+        ("segmentation-nope", "train.segmentation-nope"),
+    ):
+        proc = run_stage(tmp_path, p, "stages.train", "--name", name, *paths)
+        one_line_error(proc, needle)
     assert not (tmp_path / "prep").exists() and not (tmp_path / "m").exists()
