@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 PHASES: tuple[str, str] = ("ED", "ES")
 LABEL_VALUES: tuple[int, ...] = (0, 1, 2, 3)
-CLASS_NAMES: tuple[str, ...] = ("background", "RV", "myocardium", "LV")
 _PATIENT_RE = re.compile(r"^patient\d+$")
 _NIFTI_ERRORS = (
     ImageFileError,
