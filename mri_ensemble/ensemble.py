@@ -25,6 +25,7 @@ and N are; the counts add ``K * n_cases * C * C * 8`` bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from scipy.optimize import minimize
 
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.metrics import batch_mean_iou, case_index, counts_from_matrix
+from mri_ensemble.mri.quality import ssim_slices
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _nelder_mead(scorer: _BatchScorer, start: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+def _nelder_mead(
+    scorer: Callable[[np.ndarray], np.ndarray], start: np.ndarray
+) -> tuple[list[np.ndarray], list[float]]:
     """Refine ``start`` (M,) by Nelder-Mead on softmax logits; returns every evaluated point."""
     m = start.shape[0]
     seen_w: list[np.ndarray] = []
@@ -233,6 +237,51 @@ def _nelder_mead(scorer: _BatchScorer, start: np.ndarray) -> tuple[list[np.ndarr
     return seen_w, seen_s
 
 
+Scorer = Callable[[np.ndarray], np.ndarray]  # weights (K, M), rows sum to 1 -> scores (K,)
+
+
+def _search(scorer: Scorer, m: int, method: str, n_random: int, seed: int) -> SearchResult:
+    """The search shared by every task: candidates, refinement and choice on ``scorer``."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
+    if n_random < 0:
+        raise ConfigError(f"n_random must be >= 0, found {n_random}")
+    pool = [np.eye(m), np.full((1, m), 1.0 / m)]  # one-hots, uniform
+    if "random" in method.split("+"):
+        draws = np.random.default_rng(seed).uniform(0.0, 1.0, size=(n_random, m))
+        sums = draws.sum(axis=1, keepdims=True)
+        pool.append(np.where(sums > 0, draws / np.where(sums > 0, sums, 1.0), 1.0 / m))
+    weights = np.vstack(pool)  # (K, M)
+    scores = scorer(weights)  # (K,)
+
+    if "nelder_mead" in method and m > 1:
+        start = weights[_choose(weights, scores)]
+        nm_w, nm_s = _nelder_mead(scorer, start)
+        weights = np.vstack([weights, *nm_w])
+        scores = np.concatenate([scores, nm_s])
+
+    best = _choose(weights, scores)
+    best_single = np.nanmax(scores[:m]) if not np.all(np.isnan(scores[:m])) else np.nan
+    assert np.isnan(best_single) or scores[best] >= best_single - _TIE_ATOL
+    trace = [(weights[i].tolist(), float(scores[i])) for i in range(m + 1)]
+    trace.append((weights[best].tolist(), float(scores[best])))
+    log.info(
+        "ensemble %s: %d candidates, best val score %.4f (best single %.4f, uniform %.4f)",
+        method,
+        len(scores),
+        scores[best],
+        best_single,
+        scores[m],
+    )
+    return SearchResult(
+        method=method,
+        weights=weights[best].copy(),
+        score=float(scores[best]),
+        candidates_evaluated=int(len(scores)),
+        trace=trace,
+    )
+
+
 def search_weights(
     probs: np.ndarray,
     target: np.ndarray,
@@ -255,45 +304,68 @@ def search_weights(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
-    if n_random < 0:
-        raise ConfigError(f"n_random must be >= 0, found {n_random}")
     probs = np.asarray(probs)
     target = np.asarray(target)
     _validate(probs, target, case)
-    m = probs.shape[0]
-    scorer = _BatchScorer(probs, target, case)
+    return _search(_BatchScorer(probs, target, case), probs.shape[0], method, n_random, seed)
 
-    pool = [np.eye(m), np.full((1, m), 1.0 / m)]  # one-hots, uniform
-    if "random" in method.split("+"):
-        draws = np.random.default_rng(seed).uniform(0.0, 1.0, size=(n_random, m))
-        sums = draws.sum(axis=1, keepdims=True)
-        pool.append(np.where(sums > 0, draws / np.where(sums > 0, sums, 1.0), 1.0 / m))
-    weights = np.vstack(pool)  # (K, M)
-    scores = scorer(weights)  # (K,)
 
-    if "nelder_mead" in method and m > 1:
-        start = weights[_choose(weights, scores)]
-        nm_w, nm_s = _nelder_mead(scorer, start)
-        weights = np.vstack([weights, *nm_w])
-        scores = np.concatenate([scores, nm_s])
+def combine_images(recons: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted sum of reconstructions (M, N, H, W) with simplex ``weights`` -> (N, H, W)."""
+    recons = np.asarray(recons)
+    w = _normalise(weights, recons.shape[0])
+    return np.einsum("m,mnhw->nhw", w, recons.astype(np.float64)).astype(np.float32)
 
-    best = _choose(weights, scores)
-    best_single = np.nanmax(scores[:m]) if not np.all(np.isnan(scores[:m])) else np.nan
-    assert np.isnan(best_single) or scores[best] >= best_single - _TIE_ATOL
-    trace = [(weights[i].tolist(), float(scores[i])) for i in range(m + 1)]
-    trace.append((weights[best].tolist(), float(scores[best])))
-    log.info(
-        "ensemble %s: %d candidates, best val IoU %.4f (best single %.4f, uniform %.4f)",
-        method,
-        len(scores),
-        scores[best],
-        best_single,
-        scores[m],
-    )
-    return SearchResult(
-        method=method,
-        weights=weights[best].copy(),
-        score=float(scores[best]),
-        candidates_evaluated=int(len(scores)),
-        trace=trace,
-    )
+
+class _SSIMScorer:
+    """Per-volume mean SSIM (fastMRI semantics) of many weighted sums of reconstructions."""
+
+    def __init__(self, recons: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+        self.recons = recons.astype(np.float64)  # (M, N, H, W)
+        self.target = target.astype(np.float64)
+        _, self.case_idx = case_index(case)
+        n_cases = int(self.case_idx.max()) + 1
+        vol_max = np.array([target[self.case_idx == c].max() for c in range(n_cases)])
+        self.data_range = vol_max[self.case_idx]  # (N,)
+        # per-volume mean of per-slice scores, then the mean over volumes, as one matrix
+        onehot = np.eye(n_cases)[self.case_idx]  # (N, V)
+        self.avg = onehot / onehot.sum(0) / n_cases  # (N, V): scores @ avg summed -> mean
+        per_slice = int(np.prod(target.shape))
+        self.k_step = max(1, CHUNK_ELEMENTS * 8 // per_slice)
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        out = np.empty(weights.shape[0])
+        for k0 in range(0, weights.shape[0], self.k_step):
+            wk = weights[k0 : k0 + self.k_step]
+            fused = np.einsum("km,mnhw->knhw", wk, self.recons)  # (k, N, H, W)
+            per_slice = ssim_slices(fused, self.target, self.data_range)  # (k, N)
+            out[k0 : k0 + len(wk)] = (per_slice @ self.avg).sum(axis=1)
+        return out
+
+
+def search_image_weights(
+    recons: np.ndarray,
+    target: np.ndarray,
+    case: np.ndarray,
+    *,
+    method: str,
+    n_random: int,
+    seed: int,
+) -> SearchResult:
+    """Search weights of a weighted sum of reconstructions that maximise val SSIM.
+
+    recons: (M, N, H, W) reconstructions of M models on the val slices; target (N, H, W);
+    case (N,). SSIM is per volume with data range = the volume's target maximum, averaged
+    over volumes (fastMRI). Methods as in :func:`search_weights`.
+    """
+    recons = np.asarray(recons)
+    target = np.asarray(target)
+    if recons.ndim != 4 or recons.shape[0] == 0 or recons.shape[2:] != target.shape[1:]:
+        raise DataError(
+            f"recons must be (M >= 1, N, H, W) matching target {target.shape}, found {recons.shape}"
+        )
+    if recons.shape[1] != target.shape[0] or np.asarray(case).shape != (target.shape[0],):
+        raise DataError("recons, target and case must have the same number of slices")
+    if not np.all(np.isfinite(recons)):
+        raise DataError("recons contain NaN or infinite values")
+    return _search(_SSIMScorer(recons, target, case), recons.shape[0], method, n_random, seed)

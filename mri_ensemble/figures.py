@@ -1,4 +1,4 @@
-"""Report figures (PNG): loss curves, metric bars, segmentation overlays, gain versus cost.
+"""Report figures (PNG): loss curves, metric bars, overlays, reconstructions, gain vs cost.
 
 Figures are built with ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state, so nothing
 global is left open) and written atomically: a temporary file renamed into place.
@@ -219,4 +219,59 @@ def plot_gain_cost(
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
+    _save(fig, path)
+
+
+def plot_reconstructions(
+    target: np.ndarray,
+    images: Mapping[str, np.ndarray],
+    path: Path,
+    error_gain: float = 5.0,
+) -> None:
+    """Grid of K example slices: the target, then each reconstruction with its error map.
+
+    ``target`` float (K, H, W); ``images`` name -> float (K, H, W) (e.g. zero-filled,
+    GRAPPA, each model, the ensemble). Two rows per slice: the images on one grey scale
+    (0 to the slice's target maximum), and below each its absolute error |image - target|
+    on the same scale multiplied by ``error_gain`` (so a 20 % error is white at gain 5).
+    Each panel is titled with its NMSE on that slice. Raises
+    ValueError when shapes differ or nothing is given.
+    """
+    target = np.asarray(target, dtype=np.float32)
+    if target.ndim != 3 or target.shape[0] == 0 or not images:
+        raise ValueError(
+            f"plot_reconstructions: expected target (K, H, W) with K >= 1 and at least one "
+            f"image set, found shape {target.shape} and {len(images)} sets"
+        )
+    for name, im in images.items():
+        if np.shape(im) != target.shape:
+            raise ValueError(
+                f"plot_reconstructions: expected {name} of the target's shape {target.shape}, "
+                f"found {np.shape(im)}"
+            )
+    k, cols = target.shape[0], 1 + len(images)
+    fig = Figure(figsize=(2.0 * cols, 4.0 * k))
+    axes = fig.subplots(2 * k, cols, squeeze=False)
+    for row in range(k):
+        ref = target[row]
+        hi = float(ref.max()) or 1.0
+        panels = {"target": ref, **{n: np.asarray(v[row], np.float32) for n, v in images.items()}}
+        for col, (name, im) in enumerate(panels.items()):
+            top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
+            top.imshow(im, cmap="gray", vmin=0, vmax=hi)
+            if name == "target":
+                bottom.axis("off")
+                title = "target"
+            else:
+                bottom.imshow(np.abs(im - ref) * error_gain, cmap="magma", vmin=0, vmax=hi)
+                nmse = float(np.sum((im - ref) ** 2) / max(float(np.sum(ref**2)), 1e-12))
+                title = f"{name}\nNMSE {nmse:.4f}"
+            top.set_title(title, fontsize=8)
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[2 * row + 1, 0].text(
+            0.5, 0.5, f"|error| x{error_gain:g}", ha="center", va="center", fontsize=8
+        )
+    fig.subplots_adjust(wspace=0.03, hspace=0.15)
     _save(fig, path)

@@ -167,8 +167,19 @@ def _make_scheduler(
     return None
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Tensors = torch.Tensor | tuple[torch.Tensor, ...]
+Batch = tuple[Tensors, Tensors]
 Validate = Callable[[nn.Module, torch.device], dict[str, float]]
+# (inputs, targets, generator) -> (inputs, targets), e.g. mixup; runs on CPU before the step
+BatchTransform = Callable[
+    [tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Generator],
+    tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]],
+]
+
+
+def _to(x: Tensors, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch part (one tensor or a tuple of them) as a tuple on ``device``."""
+    return tuple(t.to(device) for t in x) if isinstance(x, (tuple, list)) else (x.to(device),)
 
 
 def fit(
@@ -181,11 +192,17 @@ def fit(
     meta: Mapping[str, Any],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` on ``train_set``; checkpoints go to ``work_dir``.
 
-    ``validate(model, device)`` returns at least ``val_loss`` (lower is better) plus any
-    task metrics; it is called once per epoch with the model in eval mode.
+    ``train_set`` yields ``(inputs, targets)``, each a tensor or a tuple of tensors: the
+    step is ``loss_fn(model(*inputs), *targets)``. A dataset with a ``set_epoch(epoch)``
+    method is told the epoch before each one (fresh, reproducible per-epoch sampling,
+    e.g. undersampling masks). ``validate(model, device)`` returns at least ``val_loss``
+    (lower is better) plus any task metrics; it is called once per epoch in eval mode.
+    ``batch_transform`` (e.g. mixup) rewrites each training batch with a generator seeded
+    per epoch, so a resumed run draws the same.
     ``meta`` (task, model name, resolved params, data identity, ...) is stored in every
     checkpoint; its fingerprint decides whether an existing ``work_dir/last.pt`` is
     resumed (same run, killed) or discarded (anything changed).
@@ -234,6 +251,10 @@ def fit(
         if state["stopped_early"]:
             break
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable shuffling
+        mix_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 10**9)
+        set_epoch = getattr(train_set, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
         model.train()
         total, count = 0.0, 0
@@ -243,19 +264,23 @@ def fit(
             leave=False,
             disable=None if progress else True,
         )
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
+        for inputs, targets in bar:
+            if batch_transform is not None:
+                inputs, targets = batch_transform(
+                    _to(inputs, torch.device("cpu")), _to(targets, torch.device("cpu")), mix_gen
+                )
+            x, y = _to(inputs, device), _to(targets, device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                out = model(x)
-            loss = loss_fn(out, y)
+                out = model(*x)
+            loss = loss_fn(out, *y)
             if not torch.isfinite(loss):
                 raise DataError(f"training loss became {loss.item()} at epoch {epoch}")
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
+            total += loss.item() * y[0].shape[0]
+            count += y[0].shape[0]
             bar.set_postfix(loss=f"{total / count:.4f}")
         if sched is not None:
             sched.step()

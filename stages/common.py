@@ -22,6 +22,8 @@ from mri_ensemble.train import git_revision
 
 PARAMS_FILE = Path(os.environ.get("MRI_ENSEMBLE_PARAMS", "params.yaml"))
 PARENT_RUN_ENV = "MRI_ENSEMBLE_PARENT_RUN_ID"
+TASKS = ("segmentation", "reconstruction")
+KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}  # what the ensemble maximises
 log = logging.getLogger("stages")
 
 
@@ -59,6 +61,10 @@ def model_entry(params: Mapping[str, Any], name: str) -> dict[str, Any]:
     for key in ("task", "model", "arch"):
         if key not in entry:
             raise ConfigError(f"params.yaml: missing key 'train.{name}.{key}'")
+    if entry["task"] not in TASKS:
+        raise ConfigError(
+            f"params.yaml: train.{name}.task {entry['task']!r} unknown; known: {list(TASKS)}"
+        )
     if name != f"{entry['task']}-{entry['model']}":
         raise ConfigError(
             f"params.yaml: key 'train.{name}' should be '<task>-<model>' = "

@@ -1,8 +1,11 @@
 """ensemble@<task>: search ensemble weights on val outputs only, apply them to test.
 
-Reads every model's saved probabilities (never re-runs a network), scores the ensemble,
-the unweighted mean and the non-learned baselines, and writes ``<out>/ensemble.json``
-(weights, search trace) and ``<out>/metrics.json`` (the committed DVC metrics).
+Reads every model's saved outputs (never re-runs a network), scores the ensemble, the
+unweighted mean and the non-learned baselines (segmentation: multi-Otsu threshold;
+reconstruction: zero-filled and GRAPPA), and writes ``<out>/ensemble.json`` (weights,
+search trace) and ``<out>/metrics.json`` (the committed DVC metrics). Segmentation
+maximises mean foreground IoU of the averaged probabilities, reconstruction the SSIM of
+the weighted sum of images (fastMRI semantics).
 """
 
 from __future__ import annotations
@@ -15,14 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from mri_ensemble.baselines import threshold_segmentation
-from mri_ensemble.data.predictions import read_probabilities
+from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
 from mri_ensemble.data.prepared import read_segmentation_h5
-from mri_ensemble.ensemble import combine, search_weights
+from mri_ensemble.data.prepared_recon import read_reconstruction_h5
+from mri_ensemble.ensemble import combine, combine_images, search_image_weights, search_weights
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
-from mri_ensemble.metrics import segmentation_scores
+from mri_ensemble.metrics import CLASS_NAMES, segmentation_scores
+from mri_ensemble.mri.quality import reconstruction_scores
+from mri_ensemble.reconstruction import zero_filled
+from mri_ensemble.segmentation import class_names_of
 
-from .common import cli, flatten, get, load_params, log, mlflow_run, task_models
+from .common import KEY_METRIC, cli, flatten, get, load_params, log, mlflow_run, task_models
 
 
 def load_stack(pred_dir: Path, models: list[str], split: str, case: np.ndarray) -> np.ndarray:
@@ -37,9 +44,99 @@ def load_stack(pred_dir: Path, models: list[str], split: str, case: np.ndarray) 
     return np.stack(stack)
 
 
-def scores_of(probs: np.ndarray, weights: np.ndarray, label: np.ndarray, case: np.ndarray) -> dict:
+def scores_of(
+    probs: np.ndarray, weights: np.ndarray, label: np.ndarray, case: np.ndarray, names: list[str]
+) -> dict:
     pred = combine(probs, weights).argmax(1).astype(np.uint8)
-    return segmentation_scores(pred, label, case)
+    return segmentation_scores(pred, label, case, names)
+
+
+def segmentation_ensemble(
+    p: dict, models: list[str], predictions: Path, data: Path, seed: int
+) -> tuple[dict, dict, dict]:
+    """(ensemble entry, unweighted-mean entry, baselines) for segmentation."""
+    val = read_segmentation_h5(data / "val.h5")
+    test = read_segmentation_h5(data / "test.h5")
+    val_probs = load_stack(predictions, models, "val", val.case)
+    t0 = time.perf_counter()
+    result = search_weights(
+        val_probs,
+        val.label,
+        val.case,
+        method=p.get("method", "random+nelder_mead"),
+        n_random=int(p.get("n_random", 200)),
+        seed=seed,
+    )
+    search_s = time.perf_counter() - t0
+    test_probs = load_stack(predictions, models, "test", test.case)
+    uniform = np.full(len(models), 1 / len(models))
+    names = class_names_of(test)
+    ens = {
+        "method": result.method,
+        "weights": dict(zip(models, map(float, result.weights), strict=True)),
+        "val": scores_of(val_probs, result.weights, val.label, val.case, names),
+        "test": scores_of(test_probs, result.weights, test.label, test.case, names),
+    }
+    mean = {
+        "val": scores_of(val_probs, uniform, val.label, val.case, names),
+        "test": scores_of(test_probs, uniform, test.label, test.case, names),
+    }
+    baselines = {}
+    if names == list(CLASS_NAMES):  # the threshold baseline knows cardiac anatomy only
+        threshold = threshold_segmentation(test.image, test.case)
+        baselines["threshold"] = {"test": segmentation_scores(threshold, test.label, test.case)}
+    return {**ens, "_search": (result, search_s)}, mean, baselines
+
+
+def load_recon_stack(pred_dir: Path, models: list[str], split: str, case: np.ndarray) -> np.ndarray:
+    """Reconstructions of every model for ``split``: (M, N, H, W), checked against ``case``."""
+    stack = []
+    for m in models:
+        path = pred_dir / m / f"{split}.h5"
+        recon, c = read_reconstructions(path)
+        if not np.array_equal(c, case):
+            raise DataError(f"{path}: case order differs from the prepared {split} set")
+        stack.append(recon)
+    return np.stack(stack)
+
+
+def reconstruction_ensemble(
+    p: dict, models: list[str], predictions: Path, data: Path, seed: int
+) -> tuple[dict, dict, dict]:
+    """(ensemble entry, unweighted-mean entry, baselines) for reconstruction."""
+    sets = {split: read_reconstruction_h5(data / f"{split}.h5") for split in ("val", "test")}
+    stacks = {s: load_recon_stack(predictions, models, s, d.case) for s, d in sets.items()}
+    val = sets["val"]
+    t0 = time.perf_counter()
+    result = search_image_weights(
+        stacks["val"],
+        val.target,
+        val.case,
+        method=p.get("method", "random+nelder_mead"),
+        n_random=int(p.get("n_random", 200)),
+        seed=seed,
+    )
+    search_s = time.perf_counter() - t0
+    uniform = np.full(len(models), 1 / len(models))
+
+    def scores(weights: np.ndarray) -> dict:
+        return {
+            s: reconstruction_scores(combine_images(stacks[s], weights), d.target, d.case)
+            for s, d in sets.items()
+        }
+
+    ens = {
+        "method": result.method,
+        "weights": dict(zip(models, map(float, result.weights), strict=True)),
+        **scores(result.weights),
+    }
+    baselines = {
+        "zero_filled": {
+            s: reconstruction_scores(zero_filled(d), d.target, d.case) for s, d in sets.items()
+        },
+        "grappa": {s: reconstruction_scores(d.grappa, d.target, d.case) for s, d in sets.items()},
+    }
+    return {**ens, "_search": (result, search_s)}, scores(uniform), baselines
 
 
 @cli
@@ -52,47 +149,19 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params()
     p = get(params, f"ensemble.{args.task}", kind=dict)
-    if args.task != "segmentation":
-        raise ConfigError(f"ensemble: unknown task {args.task!r}; known: ['segmentation']")
+    if args.task not in KEY_METRIC:
+        raise ConfigError(f"ensemble: unknown task {args.task!r}; known: {list(KEY_METRIC)}")
     models = task_models(params, args.task)
     if not models:
         raise ConfigError(f"params.yaml: no train entries with task {args.task!r}")
-    val = read_segmentation_h5(args.data / "val.h5")
-    test = read_segmentation_h5(args.data / "test.h5")
-    val_probs = load_stack(args.predictions, models, "val", val.case)
-
-    t0 = time.perf_counter()
-    result = search_weights(
-        val_probs,
-        val.label,
-        val.case,
-        method=p.get("method", "random+nelder_mead"),
-        n_random=int(p.get("n_random", 200)),
-        seed=int(get(params, "seed")),
-    )
-    search_s = time.perf_counter() - t0
-    test_probs = load_stack(args.predictions, models, "test", test.case)
-    uniform = np.full(len(models), 1 / len(models))
-    ens = {
-        "method": result.method,
-        "weights": dict(zip(models, map(float, result.weights), strict=True)),
-        "val": scores_of(val_probs, result.weights, val.label, val.case),
-        "test": scores_of(test_probs, result.weights, test.label, test.case),
-    }
-    mean = {
-        "val": scores_of(val_probs, uniform, val.label, val.case),
-        "test": scores_of(test_probs, uniform, test.label, test.case),
-    }
+    run = segmentation_ensemble if args.task == "segmentation" else reconstruction_ensemble
+    ens, mean, baselines = run(p, models, args.predictions, args.data, int(get(params, "seed")))
+    result, search_s = ens.pop("_search")
     per_model = {}
     for m in models:
         mj = json.loads((args.predictions / m / "metrics.json").read_text())
         per_model[m] = {"val": mj["val"], "test": mj["test"], "params": mj["params"]}
-    baseline = {
-        "test": segmentation_scores(
-            threshold_segmentation(test.image, test.case), test.label, test.case
-        )
-    }
-    metrics = {"models": per_model, "ensemble": ens, "baselines": {"threshold": baseline}}
+    metrics = {"models": per_model, "ensemble": ens, "baselines": baselines}
     details = {
         **ens,
         "val_search_score": result.score,
@@ -124,16 +193,18 @@ def main() -> None:
             }
         )
         mlflow.log_artifact(str(args.out / "ensemble.json"))
-    best_single = max(per_model, key=lambda m: per_model[m]["val"]["iou"])
+    key = KEY_METRIC[args.task]
+    best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
     log.info(
-        "ensemble %s weights %s: val IoU %.4f (best single %s %.4f), test IoU %.4f (best single %.4f)",
+        "ensemble %s weights %s: val %s %.4f (best single %s %.4f), test %.4f (best single %.4f)",
         result.method,
         {k: round(v, 3) for k, v in ens["weights"].items()},
-        ens["val"]["iou"],
+        key,
+        ens["val"][key],
         best_single,
-        per_model[best_single]["val"]["iou"],
-        ens["test"]["iou"],
-        per_model[best_single]["test"]["iou"],
+        per_model[best_single]["val"][key],
+        ens["test"][key],
+        per_model[best_single]["test"][key],
     )
 
 

@@ -1,8 +1,9 @@
 """evaluate@<task>-<model>: score the best checkpoint on val and test, save its outputs.
 
-Writes ``<out>/{val,test}.h5`` (probabilities for the ensemble) and ``<out>/metrics.json``
-(Dice and IoU per class and mean foreground), and logs ``test_*`` metrics to the model's
-MLflow run.
+Writes ``<out>/{val,test}.h5`` (probabilities or reconstructions for the ensemble) and
+``<out>/metrics.json`` (segmentation: Dice and IoU per class and mean foreground;
+reconstruction: SSIM, PSNR, NMSE per volume and mean), and logs ``best_val_*`` and
+``test_*`` metrics to the model's MLflow run.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mri_ensemble.data.predictions import write_probabilities
+from mri_ensemble.data.predictions import write_probabilities, write_reconstructions
 from mri_ensemble.data.prepared import read_segmentation_h5
+from mri_ensemble.data.prepared_recon import read_reconstruction_h5
 from mri_ensemble.io import atomic_path, write_json
 from mri_ensemble.metrics import segmentation_scores
+from mri_ensemble.mri.quality import reconstruction_scores
 from mri_ensemble.nets import count_parameters
-from mri_ensemble.segmentation import predict_probabilities
+from mri_ensemble.reconstruction import predict_reconstructions
+from mri_ensemble.segmentation import class_names_of, predict_probabilities
 from mri_ensemble.train import load_model, resolve_device, set_threads_from_env
 
-from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry
+from .common import KEY_METRIC, cli, flatten, get, load_params, log, mlflow_run, model_entry
 
 
 @cli
@@ -38,14 +42,24 @@ def main() -> None:
     device = resolve_device(get(params, "device"))
     model, ckpt = load_model(args.checkpoint, device)
     metrics: dict = {"params": count_parameters(model), "best_epoch": ckpt["epoch"]}
+    task = entry["task"]
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
         for split in ("val", "test"):
-            data = read_segmentation_h5(args.data / f"{split}.h5")
-            probs = predict_probabilities(model, data.image, device, progress=True, desc=split)
-            pred = probs.argmax(1).astype(np.uint8)
-            metrics[split] = segmentation_scores(pred, data.label, data.case)
-            write_probabilities(tmp / f"{split}.h5", probs, data.case, {"model": entry["model"]})
+            path, attrs = args.data / f"{split}.h5", {"model": entry["model"]}
+            if task == "reconstruction":
+                recon_set = read_reconstruction_h5(path)
+                recon = predict_reconstructions(model, recon_set, device, progress=True, desc=split)
+                metrics[split] = reconstruction_scores(recon, recon_set.target, recon_set.case)
+                write_reconstructions(tmp / f"{split}.h5", recon, recon_set.case, attrs)
+            else:
+                data = read_segmentation_h5(path)
+                probs = predict_probabilities(model, data.image, device, progress=True, desc=split)
+                pred = probs.argmax(1).astype(np.uint8)
+                metrics[split] = segmentation_scores(
+                    pred, data.label, data.case, class_names_of(data)
+                )
+                write_probabilities(tmp / f"{split}.h5", probs, data.case, attrs)
         write_json(tmp / "metrics.json", metrics)
     summary_file = args.checkpoint.parent / "summary.json"
     run_id = (
@@ -67,8 +81,14 @@ def main() -> None:
                 if isinstance(v, float) and np.isfinite(v)
             }
         )
+    key = KEY_METRIC[task]
     log.info(
-        "%s: val IoU %.4f, test IoU %.4f", args.name, metrics["val"]["iou"], metrics["test"]["iou"]
+        "%s: val %s %.4f, test %s %.4f",
+        args.name,
+        key,
+        metrics["val"][key],
+        key,
+        metrics["test"][key],
     )
 
 

@@ -3,7 +3,16 @@
 Segmentation: ``source: phantom`` writes the procedural phantom in the real ACDC layout
 into a temporary folder (it is deterministic: ``python -m mri_ensemble.data.phantom``
 writes the same one where you can look at it) and reads it back through the ACDC reader
-that real data uses; ``source: acdc`` reads the ACDC folder at ``path``.
+that real data uses; ``source: acdc`` reads the ACDC folder at ``path``; ``source:
+folder`` reads PNG/JPEG images with mask PNGs (e.g. Oxford-IIIT Pet trimaps, binary).
+
+Reconstruction: ``source: simulated`` writes multi-coil k-space simulated from the MNI152
+template in the fastMRI layout into a temporary folder (``python -m
+mri_ensemble.data.simulate OUT`` writes the same files) and reads it back through the
+fastMRI reader that real data uses; ``source: fastmri`` reads the ``*.h5`` files at
+``path``. Volumes are split (never slices), brought to the common grid (image-domain crop
+to ``size``, coil compression to ``coils``), given one seeded mask per volume and a GRAPPA
+image per slice.
 """
 
 from __future__ import annotations
@@ -11,20 +20,29 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mri_ensemble.data.acdc import list_patients, read_acdc, split_patients
+from mri_ensemble.data.fastmri import list_fastmri, prepare_volume, read_fastmri
+from mri_ensemble.data.folder import BINARY_CLASSES, list_pairs, read_folder
 from mri_ensemble.data.phantom import write_acdc_phantom
 from mri_ensemble.data.prepared import class_frequencies, write_segmentation_h5
+from mri_ensemble.data.prepared_recon import ReconstructionSet, write_reconstruction_h5
+from mri_ensemble.data.simulate import simulate_brain
 from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path
 from mri_ensemble.metrics import CLASS_NAMES
+from mri_ensemble.mri.grappa import grappa_image
+from mri_ensemble.mri.masks import MaskSpec, volume_mask
 
 from .common import cli, get, load_params, log
 
-SOURCES = ("phantom", "acdc")
+SOURCES = ("phantom", "acdc", "folder")
+RECON_SOURCES = ("simulated", "fastmri")
 
 
 def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
@@ -34,8 +52,13 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
             f"params.yaml: ingest.segmentation.source {source!r} unknown; known: {SOURCES}"
         )
     size = int(get(p, "size", kind=int))
-    spacing = float(get(p, "spacing_mm"))
     fractions = get(p, "split", kind=dict)
+    class_names = list(CLASS_NAMES)
+    if source == "folder":
+        mask_mode = p.get("mask_mode", "trimap")
+        class_names = list(p.get("class_names") or BINARY_CLASSES)
+        if mask_mode != "labels" and len(class_names) != 2:
+            raise ConfigError(f"params.yaml: mask_mode {mask_mode!r} gives 2 classes")
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as raw:
         tmp.mkdir()
         if source == "phantom":
@@ -45,31 +68,128 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
             write_acdc_phantom(root, n_patients=n, seed=seed)
         else:
             if not p.get("path"):
-                raise ConfigError("params.yaml: ingest.segmentation.path must name the ACDC folder")
+                raise ConfigError(
+                    f"params.yaml: ingest.segmentation.path must name the {source} folder"
+                )
             root = Path(p["path"])
-        patients = [f.name for f in list_patients(root)]
-        split = split_patients(patients, fractions, seed)
+        if source == "folder":
+            cases = [name for name, _, _ in list_pairs(root)]
+        else:
+            cases = [f.name for f in list_patients(root)]
+        split = split_patients(cases, fractions, seed)
         summary: dict = {"source": source, "patients": split, "slices": {}}
         for name, members in split.items():
-            vols = read_acdc(root, size=size, spacing_mm=spacing, patients=members, progress=True)
-            attrs = {
-                "source": source,
-                "size": size,
-                "spacing_mm": spacing,
-                "seed": seed,
-                "split": name,
-                "class_names": json.dumps(CLASS_NAMES),
-            }
-            write_segmentation_h5(tmp / f"{name}.h5", vols, attrs)
+            if source == "folder":
+                vols = read_folder(
+                    root,
+                    members,
+                    size=size,
+                    mask_mode=mask_mode,
+                    n_classes=len(class_names),
+                    progress=True,
+                )
+                attrs: dict = {"source": source, "size": size, "seed": seed}
+            else:
+                spacing = float(get(p, "spacing_mm"))
+                vols = read_acdc(
+                    root, size=size, spacing_mm=spacing, patients=members, progress=True
+                )
+                attrs = {"source": source, "size": size, "spacing_mm": spacing, "seed": seed}
             labels = np.concatenate([v.label for v in vols])
+            attrs.update(
+                split=name,
+                class_names=json.dumps(class_names),
+                # pixel counts per class (effective-number weights of the weighted_ce loss)
+                class_counts=np.bincount(labels.ravel(), minlength=len(class_names)).tolist(),
+            )
+            write_segmentation_h5(tmp / f"{name}.h5", vols, attrs)
             summary["slices"][name] = int(labels.shape[0])
             if name == "train":
-                freq = class_frequencies(labels, len(CLASS_NAMES))
+                freq = class_frequencies(labels, len(class_names))
                 summary["train_class_frequencies"] = dict(
-                    zip(CLASS_NAMES, map(float, freq), strict=True)
+                    zip(class_names, map(float, freq), strict=True)
                 )
         (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %s: %s slices", out, summary["slices"])
+
+
+def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
+    source = p.get("source", "simulated")
+    if source not in RECON_SOURCES:
+        raise ConfigError(
+            f"params.yaml: ingest.reconstruction.source {source!r} unknown; known: {RECON_SOURCES}"
+        )
+    size = tuple(int(v) for v in get(p, "size", kind=list))
+    if len(size) != 2 or min(size) < 8:
+        raise ConfigError(f"params.yaml: ingest.reconstruction.size should be [H, W], found {size}")
+    coils = int(get(p, "coils", kind=int))
+    spec = MaskSpec.from_mapping(get(p, "mask", kind=dict))
+    grappa_cfg = dict(get(p, "grappa", {}, kind=dict))
+    fractions = get(p, "split", kind=dict)
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as raw:
+        tmp.mkdir()
+        if source == "simulated":
+            log.info("simulating %d-coil k-space from the MNI152 template", coils)
+            files = simulate_brain(
+                Path(raw),
+                n_coils=coils,
+                size=(size[0], size[1]),
+                seed=seed,
+                progress=True,
+                **dict(get(p, "simulation", {}, kind=dict)),
+            )
+        else:
+            if not p.get("path"):
+                raise ConfigError("params.yaml: ingest.reconstruction.path must name a folder")
+            files = list_fastmri(Path(p["path"]))
+        by_name = {f.stem: f for f in files}
+        split = split_patients(list(by_name), fractions, seed)
+        summary: dict = {"source": source, "volumes": split, "slices": {}, "baselines": {}}
+        attrs = {
+            "source": source,
+            "size": list(size),
+            "coils": coils,
+            "seed": seed,
+            "mask": asdict(spec),
+            "grappa": grappa_cfg,
+        }
+        for name, members in split.items():
+            data = prepare_split(
+                [by_name[m] for m in members], size, coils, spec, grappa_cfg, seed, name
+            )
+            data.attrs = {**attrs, "split": name}
+            write_reconstruction_h5(tmp / f"{name}.h5", data)
+            summary["slices"][name] = len(data)
+            summary["acceleration"] = float(data.mask.shape[1] / data.mask.sum(1).mean())
+        (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("prepared %s: %s slices", out, summary["slices"])
+
+
+def prepare_split(
+    files: list[Path],
+    size: tuple[int, ...],
+    coils: int,
+    spec: MaskSpec,
+    grappa_cfg: dict,
+    seed: int,
+    name: str,
+) -> ReconstructionSet:
+    """Read, regrid, mask and GRAPPA-reconstruct the volumes of one split."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("kspace", "mask", "target", "grappa")}
+    case: list[str] = []
+    vmax: list[np.ndarray] = []
+    for path in tqdm(files, desc=f"prepare {name}", leave=False):
+        kspace, target = prepare_volume(read_fastmri(path), (size[0], size[1]), coils)
+        mask = volume_mask(spec, kspace.shape[-1], seed, path.stem)
+        grappa = [grappa_image(k * mask, mask, **grappa_cfg) for k in kspace]
+        parts["kspace"].append(kspace)
+        parts["mask"].append(np.repeat(mask[None], len(kspace), axis=0))
+        parts["target"].append(target)
+        parts["grappa"].append(np.stack(grappa))
+        case += [path.stem] * len(kspace)
+        vmax.append(np.full(len(kspace), target.max(), np.float32))
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    return ReconstructionSet(case=np.array(case), max=np.concatenate(vmax), attrs={}, **arrays)
 
 
 @cli
@@ -82,8 +202,12 @@ def main() -> None:
     p = get(params, f"ingest.{args.task}", kind=dict)
     if args.task == "segmentation":
         ingest_segmentation(p, int(get(params, "seed")), args.out)
+    elif args.task == "reconstruction":
+        ingest_reconstruction(p, int(get(params, "seed")), args.out)
     else:
-        raise ConfigError(f"ingest: unknown task {args.task!r}; known: ['segmentation']")
+        raise ConfigError(
+            f"ingest: unknown task {args.task!r}; known: ['segmentation', 'reconstruction']"
+        )
 
 
 if __name__ == "__main__":

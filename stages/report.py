@@ -1,7 +1,10 @@
 """report: tables and figures for people, from the metrics the earlier stages wrote.
 
-Writes ``reports/report.md`` and PNGs under ``reports/figures/``: loss curves, per-class
-Dice bars, overlays (image / truth / each model / ensemble / baseline), gain versus cost.
+Writes ``reports/report.md`` and PNGs under ``reports/figures/``, one section per task
+that has models in params.yaml: loss curves, gain versus cost, and for segmentation
+per-class Dice bars and overlays (image / truth / each model / ensemble / baseline), for
+reconstruction example slices (target / zero-filled / GRAPPA / each model / ensemble)
+with error maps.
 """
 
 from __future__ import annotations
@@ -15,21 +18,23 @@ from typing import Any
 import numpy as np
 
 from mri_ensemble.baselines import threshold_segmentation
-from mri_ensemble.data.predictions import read_probabilities
+from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
 from mri_ensemble.data.prepared import read_segmentation_h5
-from mri_ensemble.ensemble import combine
+from mri_ensemble.data.prepared_recon import read_reconstruction_h5
+from mri_ensemble.ensemble import combine, combine_images
 from mri_ensemble.figures import (
     plot_gain_cost,
     plot_loss_curves,
     plot_metric_bars,
+    plot_reconstructions,
     plot_segmentation_overlays,
 )
 from mri_ensemble.io import atomic_path
-from mri_ensemble.metrics import CLASS_NAMES
+from mri_ensemble.reconstruction import zero_filled
+from mri_ensemble.segmentation import class_names_of
 
 from .common import cli, get, load_params, log, task_models
 
-FG = CLASS_NAMES[1:]
 REPRODUCE = "make run   # or: dvc repro"
 
 
@@ -55,10 +60,13 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
     metrics = json.loads((rep / "metrics.json").read_text())
     ens_details = json.loads((rep / "ensemble.json").read_text())
     models = task_models(params, task)
-    ens, base = metrics["ensemble"], metrics["baselines"]["threshold"]
+    ens, base = metrics["ensemble"], metrics["baselines"].get("threshold")
     mean = ens_details["unweighted_mean"]
+    test = read_segmentation_h5(args.prepared / task / "test.h5")
+    names = class_names_of(test)
+    FG = names[1:]
 
-    lines = [f"## Segmentation (cardiac MRI, classes {', '.join(FG)})", ""]
+    lines = [f"## Segmentation (classes {', '.join(FG)}; source: {test.attrs.get('source')})", ""]
     lines += [
         "Mean foreground IoU and Dice per case (3-D, ACDC style); weights searched on val only.",
         "",
@@ -86,7 +94,8 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
     w = ", ".join(f"{k} {v:.2f}" for k, v in ens["weights"].items())
     lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
     lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
-    lines.append(row("threshold baseline (multi-Otsu)", "0", None, base["test"]))
+    if base is not None:
+        lines.append(row("threshold baseline (multi-Otsu)", "0", None, base["test"]))
 
     best = max(models, key=lambda m: metrics["models"][m]["val"]["iou"])
     b = metrics["models"][best]
@@ -108,7 +117,8 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
         m: {c: metrics["models"][m]["test"]["per_class"][c]["dice"] for c in FG} for m in models
     }
     bars["ensemble"] = {c: ens["test"]["per_class"][c]["dice"] for c in FG}
-    bars["threshold"] = {c: base["test"]["per_class"][c]["dice"] for c in FG}
+    if base is not None:
+        bars["threshold"] = {c: base["test"]["per_class"][c]["dice"] for c in FG}
     plot_metric_bars(bars, figures / f"{task}_per_class_dice.png", ylabel="test Dice")
     points = {
         m: (metrics["models"][m]["params"] / 1e6, metrics["models"][m]["test"]["iou"])
@@ -117,25 +127,107 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
     points["ensemble"] = (kept / 1e6, ens["test"]["iou"])
     plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", "test IoU")
 
-    test = read_segmentation_h5(args.prepared / task / "test.h5")
     idx = overlay_slices(test.label, int(get(params, "report.overlay_slices", 4)))
     probs = np.stack(
-        [
-            read_probabilities(Path("data/predictions") / task / m / "test.h5")[0][idx]
-            for m in models
-        ]
+        [read_probabilities(args.predictions / task / m / "test.h5")[0][idx] for m in models]
     )  # (M, K, C, H, W)
     preds = {m: probs[i].argmax(1) for i, m in enumerate(models)}
     weights = np.array([ens["weights"][m] for m in models])
     preds["ensemble"] = combine(probs, weights).argmax(1)
-    preds["threshold"] = threshold_segmentation(test.image, test.case)[idx]
+    if base is not None:
+        preds["threshold"] = threshold_segmentation(test.image, test.case)[idx]
     plot_segmentation_overlays(
-        test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", CLASS_NAMES
+        test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", names
     )
     for name, title in (
         ("loss_curves", "Loss curves"),
         ("per_class_dice", "Per-class test Dice"),
         ("overlays", "Test overlays"),
+        ("gain_cost", "Gain versus cost"),
+    ):
+        lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
+    return lines
+
+
+def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
+    task = "reconstruction"
+    rep = args.reports / task
+    metrics = json.loads((rep / "metrics.json").read_text())
+    ens_details = json.loads((rep / "ensemble.json").read_text())
+    models = task_models(params, task)
+    ens, base = metrics["ensemble"], metrics["baselines"]
+    mean = ens_details["unweighted_mean"]
+    test = read_reconstruction_h5(args.prepared / task / "test.h5")
+    accel = test.mask.shape[1] / test.mask.sum(1).mean()
+
+    lines = [
+        "## Reconstruction (accelerated multi-coil MRI)",
+        "",
+        f"{test.kspace.shape[1]} coils, {test.kspace.shape[2]}x{test.kspace.shape[3]}, "
+        f"{test.attrs.get('mask', {}).get('kind', '?')} masks at {accel:.1f}x acceleration "
+        f"(source: {test.attrs.get('source')}). SSIM, PSNR and NMSE per volume with data range "
+        "= the volume's target maximum (fastMRI evaluation), averaged over volumes; weights "
+        "searched on val SSIM only.",
+        "",
+        "| model | params | val SSIM | test SSIM | test PSNR (dB) | test NMSE |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(name: str, n: str, val: dict | None, t: dict) -> str:
+        v = val or {}
+        return (
+            f"| {name} | {n} | {fmt(v.get('ssim'))} | {fmt(t['ssim'])} | "
+            f"{t['psnr']:.2f} | {fmt(t['nmse'])} |"
+        )
+
+    for m in models:
+        mm = metrics["models"][m]
+        lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
+    members = [m for m in models if ens["weights"][m] >= 0.01]
+    kept = sum(metrics["models"][m]["params"] for m in members)
+    total = sum(metrics["models"][m]["params"] for m in models)
+    w = ", ".join(f"{k} {v:.2f}" for k, v in ens["weights"].items())
+    lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
+    lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
+    lines.append(row("GRAPPA baseline", "0", base["grappa"]["val"], base["grappa"]["test"]))
+    lines.append(
+        row("zero-filled baseline", "0", base["zero_filled"]["val"], base["zero_filled"]["test"])
+    )
+    best = max(models, key=lambda m: metrics["models"][m]["val"]["ssim"])
+    b = metrics["models"][best]
+    gain = ens["test"]["ssim"] - b["test"]["ssim"]
+    lines += [
+        "",
+        f"Best single model on val: **{best}**. The ensemble changes test SSIM by "
+        f"**{gain:+.4f}** ({ens['test']['ssim']:.4f} vs {b['test']['ssim']:.4f}) at "
+        f"{kept / b['params']:.1f}x its parameters ({len(members)} members with weight >= 0.01). "
+        f"Search: {ens_details['candidates_evaluated']} candidates in "
+        f"{ens_details['search_seconds']:.1f} s.",
+        "",
+    ]
+    histories = {m: read_history(rep / "history" / f"{m}.csv") for m in models}
+    plot_loss_curves(histories, figures / f"{task}_loss_curves.png", title="Reconstruction")
+    points = {
+        m: (metrics["models"][m]["params"] / 1e6, metrics["models"][m]["test"]["ssim"])
+        for m in models
+    }
+    points["ensemble"] = (kept / 1e6, ens["test"]["ssim"])
+    points["GRAPPA"] = (0.0, base["grappa"]["test"]["ssim"])
+    plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", "test SSIM")
+
+    k = int(get(params, "report.overlay_slices", 4))
+    idx = np.linspace(0, len(test) - 1, min(k, len(test))).round().astype(int)
+    recons = np.stack(
+        [read_reconstructions(args.predictions / task / m / "test.h5")[0][idx] for m in models]
+    )  # (M, K, H, W)
+    weights = np.array([ens["weights"][m] for m in models])
+    images = {"zero-filled": zero_filled(test.subset(idx)), "GRAPPA": test.grappa[idx]}
+    images.update({m: recons[i] for i, m in enumerate(models)})
+    images["ensemble"] = combine_images(recons, weights)
+    plot_reconstructions(test.target[idx], images, figures / f"{task}_examples.png")
+    for name, title in (
+        ("loss_curves", "Loss curves"),
+        ("examples", "Test reconstructions and error maps"),
         ("gain_cost", "Gain versus cost"),
     ):
         lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
@@ -160,9 +252,12 @@ def main() -> None:
         f"Generated by the `report` stage from the pipeline's own outputs. Reproduce: `{REPRODUCE}`.",
         "",
     ]
+    sections = {"segmentation": segmentation_section, "reconstruction": reconstruction_section}
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
-        lines += segmentation_section(params, args, tmp_fig)
+        for task, section in sections.items():
+            if task_models(params, task):
+                lines += section(params, args, tmp_fig)
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
     log.info("wrote %s and %s/", args.out, args.figures)

@@ -14,15 +14,26 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mri_ensemble import reconstruction, segmentation
+from mri_ensemble.data.augment import mixup_batch
 from mri_ensemble.data.prepared import SliceDataset, read_segmentation_h5
+from mri_ensemble.data.prepared_recon import read_reconstruction_h5
 from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path, write_json
 from mri_ensemble.losses import build_loss
-from mri_ensemble.nets import count_parameters
-from mri_ensemble.segmentation import N_CLASSES, make_validate
+from mri_ensemble.mri.masks import MaskSpec
+from mri_ensemble.mri.quality import build_recon_loss
+from mri_ensemble.nets import RECONSTRUCTION, SEGMENTATION, count_parameters
+from mri_ensemble.reconstruction import ReconDataset, uses_grappa
 from mri_ensemble.train import (
+    BatchTransform,
     ModelSpec,
     TrainConfig,
+    Validate,
     fit,
     set_threads_from_env,
     training_fingerprint,
@@ -31,7 +42,7 @@ from mri_ensemble.train import (
 from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry
 
 RESUME_ROOT = Path(".resume")
-KNOWN_KEYS = {"task", "model", "arch", "net", "loss", "loss_config", "optim"}
+KNOWN_KEYS = {"task", "model", "arch", "net", "loss", "loss_config", "optim", "mixup_alpha"}
 
 
 def file_identity(path: Path) -> dict[str, object]:
@@ -49,6 +60,64 @@ def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
         tmp.write_text(buf.getvalue())
 
 
+def setup_task(
+    entry: dict, train_path: Path, val_path: Path, seed: int
+) -> tuple[ModelSpec, nn.Module, Dataset, Validate]:
+    """Network spec, loss, training set and validation function of one params entry.
+
+    Segmentation: ``loss_config`` goes to the loss; ``weighted_ce`` gets the class pixel
+    counts that ingest measured on the training split (an attribute of the file).
+    """
+    task, net = entry["task"], dict(entry.get("net") or {})
+    table = SEGMENTATION if task == "segmentation" else RECONSTRUCTION
+    if entry["arch"] not in table:
+        raise ConfigError(
+            f"unknown {task} model {entry['arch']!r}; known: {', '.join(sorted(table))}"
+        )
+    if task == "segmentation":
+        train_data = read_segmentation_h5(train_path)
+        n_classes = len(segmentation.class_names_of(train_data))
+        binary = entry.get("loss") == "bce"  # binary mode: one output channel
+        if binary and n_classes != 2:
+            raise ConfigError(f"params.yaml: loss 'bce' needs 2 classes, the data has {n_classes}")
+        spec = ModelSpec(entry["arch"], net, 1, 1 if binary else n_classes)
+        spec.build()  # validates the net config
+        counts = train_data.attrs.get("class_counts")
+        loss_fn = build_loss(
+            entry.get("loss", "dice_focal"), entry.get("loss_config"), class_counts=counts
+        )
+        val = read_segmentation_h5(val_path)
+        return spec, loss_fn, SliceDataset(train_data), segmentation.make_validate(val, loss_fn)
+    if task == "reconstruction":
+        spec = ModelSpec(entry["arch"], net, 2, 1)
+        model = spec.build()
+        loss_fn = build_recon_loss(entry.get("loss", "ssim"), entry.get("loss_config"))
+        data = read_reconstruction_h5(train_path)
+        val_set = read_reconstruction_h5(val_path)
+        mask_spec = MaskSpec.from_mapping(data.attrs.get("mask"))
+        train_set = ReconDataset(data, mask_spec, seed, with_grappa=uses_grappa(model))
+        return spec, loss_fn, train_set, reconstruction.make_validate(val_set, loss_fn)
+    raise AssertionError(task)  # model_entry() admits only known tasks
+
+
+def mixup_transform(entry: dict, n_classes: int) -> BatchTransform | None:
+    """Batch-level mixup (lambda ~ Beta(alpha, alpha)) when ``mixup_alpha`` > 0 (segmentation)."""
+    alpha = float(entry.get("mixup_alpha") or 0.0)
+    if alpha <= 0:
+        return None
+    if entry["task"] != "segmentation" or n_classes < 2:
+        raise ConfigError(
+            f"params.yaml: train.{entry['task']}-{entry['model']}.mixup_alpha needs a "
+            "multi-class segmentation loss (not reconstruction, not 'bce')"
+        )
+
+    def mix(inputs: tuple, targets: tuple, gen: torch.Generator) -> tuple[tuple, tuple]:
+        x, y = mixup_batch(inputs[0], targets[0], n_classes, alpha, gen)
+        return (x,), (y,)
+
+    return mix
+
+
 @cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -64,17 +133,12 @@ def main() -> None:
     if unknown:
         raise ConfigError(f"params.yaml: train.{args.name}: unknown key(s) {unknown}")
     task, model_name = entry["task"], entry["model"]
-    if task != "segmentation":
-        raise ConfigError(f"train: unknown task {task!r}; known: ['segmentation']")
     set_threads_from_env()
     cfg = TrainConfig.from_params(
         {**entry.get("optim", {}), "seed": get(params, "seed"), "device": get(params, "device")}
     )
-    spec = ModelSpec(entry["arch"], dict(entry.get("net") or {}), 1, N_CLASSES)
-    n_params = count_parameters(spec.build())  # also validates the net config early
-    loss_fn = build_loss(entry.get("loss", "dice_focal"), entry.get("loss_config"))
-    train_set = read_segmentation_h5(args.train)
-    val_set = read_segmentation_h5(args.val)
+    spec, loss_fn, train_set, validate = setup_task(entry, args.train, args.val, cfg.seed)
+    n_params = count_parameters(spec.build())
     meta = {
         "task": task,
         "model": model_name,
@@ -102,7 +166,7 @@ def main() -> None:
                     **flatten(entry),
                     "seed": cfg.seed,
                     "n_params": n_params,
-                    "n_train": len(train_set.image),
+                    "n_train": len(train_set),
                 }
             )
 
@@ -113,13 +177,14 @@ def main() -> None:
 
         state = fit(
             spec,
-            SliceDataset(train_set),
+            train_set,
             loss_fn,
-            make_validate(val_set, loss_fn),
+            validate,
             cfg,
             work,
             meta,
             on_epoch,
+            batch_transform=mixup_transform(entry, spec.out_channels),
         )
         summary = {
             "task": task,

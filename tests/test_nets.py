@@ -2,16 +2,51 @@ import pytest
 import torch
 
 from mri_ensemble.errors import ConfigError
-from mri_ensemble.nets import REGISTRY, build_model, count_parameters
+from mri_ensemble.nets import RECONSTRUCTION, REGISTRY, SEGMENTATION, build_model, count_parameters
 
 SMALL = {
     "unet": {"features": [4, 8, 16]},
     "attention_unet": {"channels": [4, 8, 16]},
     "unetpp": {"features": [4, 4, 8, 8, 16, 4]},
+    "fc_attention_unet": {"channels": [4, 8, 16], "fc_hidden": 32},
+    "unet3plus": {"filters": [4, 8, 16, 32, 64], "cat_channels": 4},
+    "resnet34_unet": {"encoder": "resnet10", "decoder_channels": [32, 16, 16, 8, 8]},
+    "linknet": {"encoder": "resnet10"},
+    "fpn": {"encoder": "resnet10", "pyramid_channels": 32, "segmentation_channels": 16},
+    "deeplabv3": {"encoder": "resnet10", "aspp_channels": 32},
+    "residual_unet": {"channels": [4, 8, 16, 32, 64]},
+    "mobile_unet": {"width": 0.25, "decoder_channels": [16, 8, 8, 8, 8]},
+    "efficient_unet": {"decoder_channels": [16, 8, 8, 8, 8]},
+}
+SMALL_RECON = {
+    "recon_attention_unet": {"channels": [4, 8, 16], "fc_hidden": 32},
+    "varnet": {"cascades": 2, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2},
+    "dircn": {"cascades": 2, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2},
 }
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_registry_is_the_union_of_the_task_tables():
+    assert set(REGISTRY) == set(SEGMENTATION) | set(RECONSTRUCTION)
+    assert not set(SEGMENTATION) & set(RECONSTRUCTION)
+
+
+@pytest.mark.parametrize("arch", sorted(RECONSTRUCTION))
+def test_every_reconstruction_network_odd_shape_and_gradients(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 2, 1, SMALL_RECON[arch]).train()
+    kspace = torch.randn(2, 3, 17, 19, dtype=torch.complex64)
+    mask = torch.zeros(2, 19, dtype=torch.bool)
+    mask[:, 7:12] = True
+    mask[:, ::3] = True
+    grappa = torch.rand(2, 17, 19)
+    out = model(kspace * mask[:, None, None, :], mask, grappa)
+    assert out.shape == (2, 17, 19) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(SEGMENTATION))
 def test_every_network_odd_shape_and_gradients(arch):
     torch.manual_seed(0)
     model = build_model(arch, 1, 4, SMALL[arch])
@@ -38,7 +73,9 @@ def test_unetpp_deep_supervision_outputs():
 
 
 def test_unknown_model_and_bad_key_name_what_is_known():
-    with pytest.raises(ValueError, match=r"unknown model 'resunet'; known: attention_unet, unet"):
+    with pytest.raises(
+        ValueError, match=r"unknown model .resunet.; known: attention_unet, deeplabv3, dircn, "
+    ):
         build_model("resunet", 1, 4)
     with pytest.raises(ConfigError, match="bad config for model 'unet'.*featurez"):
         build_model("unet", 1, 4, {"featurez": [4, 8]})

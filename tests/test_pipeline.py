@@ -22,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("unet", "attention_unet", "unetpp")
+RECON_MODELS = ("attention_unet", "varnet", "dircn_unet", "dircn_attention")
 
 
 def tiny_params() -> dict:
@@ -31,9 +32,24 @@ def tiny_params() -> dict:
     p["train"]["segmentation-unet"]["net"]["features"] = [4, 8, 16]
     p["train"]["segmentation-attention_unet"]["net"]["channels"] = [4, 8, 16]
     p["train"]["segmentation-unetpp"]["net"]["features"] = [4, 4, 8, 8, 16, 4]
+    recon = p["ingest"]["reconstruction"]
+    recon.update(coils=4, size=[56, 48])
+    recon["simulation"].update(pixel_mm=4.0, slices_per_volume=2, slice_step_mm=8.0)
+    recon["mask"]["center_fractions"] = [0.16]  # 8 ACS lines at W = 48 (GRAPPA kernel 5)
+    small = {"cascades": 1, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2}
+    p["train"]["reconstruction-attention_unet"]["net"] = {"channels": [4, 8, 16], "fc_hidden": 32}
+    p["train"]["reconstruction-varnet"]["net"] = {**small, "fc_hidden": 32}
+    p["train"]["reconstruction-dircn_unet"]["net"] = {**small, "inner": "unet_fc", "fc_hidden": 32}
+    p["train"]["reconstruction-dircn_attention"]["net"] = {
+        **small,
+        "inner": "attention_unet",
+        "attention_channels": [4, 8, 16],
+        "fc_hidden": 32,
+    }
     for entry in p["train"].values():
         entry["optim"].update(epochs=2, batch_size=8)
     p["ensemble"]["segmentation"]["n_random"] = 8
+    p["ensemble"]["reconstruction"]["n_random"] = 8
     p["report"]["overlay_slices"] = 2
     return p
 
@@ -103,6 +119,28 @@ def test_flow_writes_every_output(project: Path):
     assert {"epoch", "train_loss", "val_loss", "val_iou"} <= set(header)
 
 
+def test_flow_writes_the_reconstruction_outputs(project: Path):
+    metrics = json.loads((project / "reports/reconstruction/metrics.json").read_text())
+    assert set(metrics["models"]) == set(RECON_MODELS)
+    for m in RECON_MODELS:
+        assert {"ssim", "psnr", "nmse", "per_case"} <= set(metrics["models"][m]["test"])
+    ens = metrics["ensemble"]
+    assert sum(ens["weights"].values()) == pytest.approx(1.0)
+    best_val = max(metrics["models"][m]["val"]["ssim"] for m in RECON_MODELS)
+    assert ens["val"]["ssim"] >= best_val - 1e-9
+    assert set(metrics["baselines"]) == {"zero_filled", "grappa"}
+    assert metrics["baselines"]["grappa"]["test"]["ssim"] > 0
+    report = (project / "reports/report.md").read_text()
+    assert "## Reconstruction" in report and "GRAPPA baseline" in report
+    for fig in ("loss_curves", "examples", "gain_cost"):
+        png = project / f"reports/figures/reconstruction_{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/reconstruction_{fig}.png" in report
+    with (project / "reports/reconstruction/history/varnet.csv").open() as f:
+        header = f.readline().strip().split(",")
+    assert {"epoch", "train_loss", "val_loss", "val_ssim", "val_psnr"} <= set(header)
+
+
 def test_mlflow_runs_grouped_under_one_parent(project: Path):
     db = sqlite3.connect(project / "mlflow.db")
     runs = dict(db.execute("SELECT run_uuid, name FROM runs").fetchall())
@@ -113,6 +151,17 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
     assert len(pipeline) == 1
     children = {runs[r] for r, p in parents.items() if p == pipeline[0]}
     assert set(MODELS) <= children and any(c.startswith("ensemble") for c in children)
+    assert {"varnet", "dircn_unet", "dircn_attention"} <= children
+    (varnet,) = [r for r, n in runs.items() if n == "varnet"]
+    keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (varnet,))}
+    assert {"train_loss", "val_ssim", "best_val_ssim", "test_ssim", "test_psnr"} <= keys
+    recon_ens = db.execute(
+        "SELECT r.run_uuid FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+        "WHERE t.key='task' AND t.value='reconstruction' AND r.name LIKE 'ensemble%'"
+    ).fetchall()
+    assert len(recon_ens) == 1
+    ens_keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", recon_ens[0])}
+    assert {"val_ssim", "test_ssim", "test_psnr", "test_nmse"} <= ens_keys
     (unet,) = [r for r, n in runs.items() if n == "unet"]
     steps = db.execute(
         "SELECT key, step FROM metrics WHERE run_uuid=? AND key IN ('train_loss','val_loss')",
@@ -191,7 +240,8 @@ def test_bad_param_gives_one_line_and_keeps_outputs(project: Path):
         (project / "params.yaml").write_text(original)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert err == ["error: unknown model 'no_such_net'; known: attention_unet, unet, unetpp"]
+    assert len(err) == 1
+    assert err[0].startswith("error: unknown segmentation model 'no_such_net'; known: attention_")
     assert mtimes(project) == before
 
 

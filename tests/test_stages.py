@@ -118,3 +118,90 @@ def test_bad_params_name_the_key(tmp_path, acdc):
         proc = run_stage(tmp_path, p, "stages.train", "--name", name, *paths)
         one_line_error(proc, needle)
     assert not (tmp_path / "prep").exists() and not (tmp_path / "m").exists()
+
+
+def recon_params(path: Path) -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["ingest"]["reconstruction"].update(
+        {"source": "fastmri", "path": str(path), "size": [16, 16], "coils": 3}
+    )
+    p["ingest"]["reconstruction"]["mask"]["center_fractions"] = [0.4]
+    p["ingest"]["reconstruction"]["mask"]["accelerations"] = [2]
+    return p
+
+
+def write_fastmri_folder(root: Path, n: int = 3) -> None:
+    from mri_ensemble.data.fastmri import write_fastmri
+    from mri_ensemble.mri.fft import fft2c
+
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    yy, xx = np.mgrid[:20, :18] / 20
+    for i in range(n):
+        img = np.exp(-((yy - 0.5) ** 2 + (xx - 0.45) ** 2) / 0.08)
+        coils = np.stack([img * np.exp(1j * k * xx) * (1 + 0.2 * k * yy) for k in range(4)])
+        k = fft2c(np.stack([coils * (1 + 0.1 * s) for s in range(2)]))
+        k = k + 0.01 * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
+        write_fastmri(root / f"file_{i}.h5", k.astype(np.complex64), attrs={"max": 1.0})
+
+
+def test_ingest_reads_a_real_fastmri_folder(tmp_path):
+    write_fastmri_folder(tmp_path / "raw")
+    proc = run_stage(
+        tmp_path, recon_params(tmp_path / "raw"), "stages.ingest", "--task", "reconstruction",
+        "--out", "prep",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    from mri_ensemble.data.prepared_recon import read_reconstruction_h5
+
+    data = read_reconstruction_h5(tmp_path / "prep" / "test.h5")
+    assert data.kspace.shape == (2, 3, 16, 16)  # cropped to size, compressed to 3 coils
+    assert data.mask.shape == (2, 16) and data.attrs["mask"]["accelerations"] == [2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("no_kspace", "expected a 'kspace' dataset"),
+        ("ndim", "expected kspace of shape (S, C, H, W) or (S, H, W)"),
+        ("real", "expected complex kspace"),
+        ("nan", "expected finite kspace values"),
+        ("inf", "expected finite kspace values"),
+        ("mask", "expected a mask of 18 columns"),
+    ],
+)
+def test_ingest_bad_fastmri_file_one_line_nothing_written(tmp_path, kind, needle):
+    import h5py
+
+    write_fastmri_folder(tmp_path / "raw")
+    bad = tmp_path / "raw" / "file_1.h5"
+    with h5py.File(bad, "a") as f:
+        k = f["kspace"][...]
+        del f["kspace"]
+        if kind == "ndim":
+            f["kspace"] = k[0, 0, 0]
+        elif kind == "real":
+            f["kspace"] = k.real
+        elif kind in ("nan", "inf"):
+            k[1, 2, 3, 4] = np.nan if kind == "nan" else np.inf
+            f["kspace"] = k
+        elif kind == "mask":
+            f["kspace"] = k
+            f["mask"] = np.ones(17, bool)
+    proc = run_stage(
+        tmp_path, recon_params(tmp_path / "raw"), "stages.ingest", "--task", "reconstruction",
+        "--out", "prep",
+    )  # fmt: skip
+    one_line_error(proc, str(bad), needle)
+    assert not (tmp_path / "prep").exists()
+    assert not list(tmp_path.glob(".prep*"))  # no temp left behind either
+
+
+def test_training_a_network_of_the_other_task_is_one_line(tmp_path):
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["train"]["segmentation-unet"]["arch"] = "varnet"
+    proc = run_stage(
+        tmp_path, p, "stages.train", "--name", "segmentation-unet", "--train", "t.h5",
+        "--val", "v.h5", "--out", "m", "--history", "h.csv",
+    )  # fmt: skip
+    one_line_error(proc, "unknown segmentation model 'varnet'; known: attention_unet,")

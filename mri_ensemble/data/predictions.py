@@ -1,7 +1,9 @@
 """Saved model outputs for the ensemble: ``data/predictions/<task>/<model>/{val,test}.h5``.
 
-``probs`` float16 (N, K, H, W) softmax probabilities in the case order of the prepared
-file, ``case`` (N,) strings. The ensemble reads these and never re-runs a network.
+Segmentation: ``probs`` float16 (N, K, H, W) softmax probabilities; reconstruction:
+``recon`` float32 (N, H, W) images (float32: SSIM at 1e-4 resolution needs more than
+float16's 11 bits). Both in the case order of the prepared file, with ``case`` (N,)
+strings. The ensemble reads these and never re-runs a network.
 """
 
 from __future__ import annotations
@@ -46,3 +48,34 @@ def read_probabilities(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(probs).all():
         raise DataError(f"{path}: probs contain NaN or Inf")
     return probs, case
+
+
+def write_reconstructions(
+    path: Path, recon: np.ndarray, case: np.ndarray, attrs: Mapping[str, Any]
+) -> None:
+    if recon.ndim != 3 or len(recon) != len(case):
+        raise ValueError(f"recon (N, H, W) with N={len(case)} expected, got {recon.shape}")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("recon", data=recon.astype(np.float32), chunks=(1, *recon.shape[1:]))
+        f.create_dataset("case", data=np.asarray(case, dtype=object), dtype=h5py.string_dtype())
+        f.attrs.update(dict(attrs))
+
+
+def read_reconstructions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(recon float32 (N, H, W), case (N,) str); DataError naming the file if bad."""
+    if not path.is_file():
+        raise DataError(f"{path}: predictions not found (run the evaluate stage first)")
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("recon", "case"):
+                if key not in f:
+                    raise DataError(f"{path}: missing dataset {key!r}")
+            recon = f["recon"][...].astype(np.float32)
+            case = f["case"].asstr()[...]
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    if recon.ndim != 3 or len(recon) != len(case):
+        raise DataError(f"{path}: recon should be (N, H, W) matching case, found {recon.shape}")
+    if not np.isfinite(recon).all():
+        raise DataError(f"{path}: recon contains NaN or Inf")
+    return recon, case

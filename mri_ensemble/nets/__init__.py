@@ -12,15 +12,41 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from . import monai_nets, unet
+from . import (
+    dircn,
+    fc_attention_unet,
+    light_unets,
+    monai_nets,
+    resnet_family,
+    unet,
+    unet3plus,
+    varnet,
+)
 
 Builder = Callable[..., nn.Module]
 
-REGISTRY: dict[str, Builder] = {
+# image (N, in, H, W) -> logits (N, out, H, W)
+SEGMENTATION: dict[str, Builder] = {
     "unet": unet.build,
     "attention_unet": monai_nets.build_attention_unet,
     "unetpp": monai_nets.build_unetpp,
+    "fc_attention_unet": fc_attention_unet.build_fc_attention_unet,
+    "unet3plus": unet3plus.build_unet3plus,
+    "resnet34_unet": resnet_family.build_resnet34_unet,
+    "linknet": resnet_family.build_linknet,
+    "fpn": resnet_family.build_fpn,
+    "deeplabv3": resnet_family.build_deeplabv3,
+    "residual_unet": light_unets.build_residual_unet,
+    "mobile_unet": light_unets.build_mobile_unet,
+    "efficient_unet": light_unets.build_efficient_unet,
 }
+# (kspace (B, C, H, W) complex, mask (B, W), grappa (B, H, W)) -> image (B, H, W)
+RECONSTRUCTION: dict[str, Builder] = {
+    "recon_attention_unet": fc_attention_unet.build_recon_attention_unet,
+    "varnet": varnet.build_varnet,
+    "dircn": dircn.build_dircn,
+}
+REGISTRY: dict[str, Builder] = {**SEGMENTATION, **RECONSTRUCTION}
 
 
 def build_model(
@@ -42,3 +68,15 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    """``python -m mri_ensemble.nets``: every registered network with its parameter count."""
+    print(f"{'network':<22} {'task':<15} {'parameters (default config)':>28}")
+    for table, task, (cin, cout) in (
+        (SEGMENTATION, "segmentation", (1, 4)),
+        (RECONSTRUCTION, "reconstruction", (2, 1)),
+    ):
+        for name in sorted(table):
+            n = count_parameters(build_model(name, cin, cout))
+            print(f"{name:<22} {task:<15} {n:>28,}")

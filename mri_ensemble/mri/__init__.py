@@ -1,0 +1,1 @@
+"""k-space maths: centred FFTs, coil combination, sampling masks, GRAPPA, image quality."""
