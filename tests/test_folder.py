@@ -41,7 +41,9 @@ def write_pet_like(root: Path, n: int = 8, size: int = 40, layout: str = "masks"
 
 def test_trimap_and_binary_conventions():
     trimap = np.array([[1, 2], [3, 2]], np.uint8)
-    np.testing.assert_array_equal(labels_from_mask(trimap, "trimap", Path("m"), 2), [[1, 0], [1, 0]])
+    np.testing.assert_array_equal(
+        labels_from_mask(trimap, "trimap", Path("m"), 2), [[1, 0], [1, 0]]
+    )
     np.testing.assert_array_equal(
         labels_from_mask(np.array([[0, 255]]), "binary", Path("m"), 2), [[0, 1]]
     )

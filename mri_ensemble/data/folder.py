@@ -63,7 +63,9 @@ def _load(path: Path, mode: str, size: int, resample: int) -> np.ndarray:
         with Image.open(path) as raw:
             raw.load()
             if mode == "mask" and raw.mode not in ("L", "P", "I", "I;16", "1"):
-                raise DataError(f"{path}: expected a single-channel mask PNG, found mode {raw.mode}")
+                raise DataError(
+                    f"{path}: expected a single-channel mask PNG, found mode {raw.mode}"
+                )
             im = raw.convert("L") if mode == "image" else raw
             return np.asarray(im.resize((size, size), resample=resample))
     except (OSError, UnidentifiedImageError) as exc:
