@@ -1,16 +1,18 @@
-"""Weighted-ensemble search: choose per-model weights for averaged probabilities on val.
+"""Weighted-ensemble search: choose per-model weights on validation outputs.
 
-The ensemble of M segmentation models is ``argmax_c sum_m w_m p_m[c]`` with weights
-``w`` on the simplex (non-negative, summing to 1). Weights are searched on validation
-outputs only (report R3 searched and reported on the same data; we do not) by the mean
-foreground IoU of :mod:`mri_ensemble.metrics` (per-volume, NaN policy as documented there).
+Segmentation: the ensemble of M models is ``argmax_c sum_m w_m p_m[c]``, scored by the
+mean foreground IoU of :mod:`mri_ensemble.metrics` (per-volume, NaN policy as documented
+there). Reconstruction: the ensemble is the weighted sum of images ``sum_m w_m x_m``,
+scored by SSIM with fastMRI's semantics (:mod:`mri_ensemble.mri.quality`). Weights ``w``
+lie on the simplex (non-negative, summing to 1) and are searched on validation outputs
+only (report R3 searched and reported on the same data; we do not).
 
 Every method's candidate pool holds each one-hot (every single model) and the uniform
 weights, so the chosen val score is never below the best single model. Among equal
 scores the weights nearest to uniform (L2) win, then the earlier candidate; a search is
 deterministic for a seed.
 
-Speed: no network is re-run. A pixel on which every model's argmax agrees keeps that label
+Speed (segmentation): no network is re-run. A pixel on which every model's argmax agrees keeps that label
 for any non-negative weights (the combination cannot prefer another class), so its counts
 are computed once; only the disputed pixels are re-scored per candidate. A batch of K
 candidates is scored with one matrix product over the model axis per chunk of disputed
@@ -330,8 +332,8 @@ class _SSIMScorer:
         # per-volume mean of per-slice scores, then the mean over volumes, as one matrix
         onehot = np.eye(n_cases)[self.case_idx]  # (N, V)
         self.avg = onehot / onehot.sum(0) / n_cases  # (N, V): scores @ avg summed -> mean
-        per_slice = int(np.prod(target.shape))
-        self.k_step = max(1, CHUNK_ELEMENTS * 8 // per_slice)
+        per_candidate = int(np.prod(target.shape))  # pixels of one fused candidate
+        self.k_step = max(1, CHUNK_ELEMENTS * 8 // per_candidate)
 
     def __call__(self, weights: np.ndarray) -> np.ndarray:
         out = np.empty(weights.shape[0])
