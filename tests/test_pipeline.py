@@ -60,6 +60,7 @@ def env_for(cwd: Path) -> dict[str, str]:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "PREFECT_HOME": str(cwd / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MPLBACKEND": "Agg",
         "DVC_NO_ANALYTICS": "1",
     }
