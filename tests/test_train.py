@@ -123,8 +123,17 @@ def test_batch_transform_mixup_is_applied_and_reproducible(tmp_path):
     states = []
     for run_dir in ("a", "b"):
         states.append(
-            fit(SPEC, ds, loss_fn, make_validate(ds, loss_fn), cfg, tmp_path / run_dir,
-                {"m": 1}, progress=False, batch_transform=mix)  # fmt: skip
+            fit(
+                SPEC,
+                ds,
+                loss_fn,
+                make_validate(ds, loss_fn),
+                cfg,
+                tmp_path / run_dir,
+                {"m": 1},
+                progress=False,
+                batch_transform=mix,
+            )  # fmt: skip
         )
     assert len(seen) == 2 * 2 * 4  # two runs x two epochs x four batches
     assert any(seen)  # mixed images with soft (N, K, H, W) labels reached the loss
