@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,22 @@ from mri_ensemble.segmentation import class_names_of
 from .common import KEY_METRIC, cli, flatten, get, load_params, log, mlflow_run, task_models
 
 
-def load_stack(pred_dir: Path, models: list[str], split: str, case: np.ndarray) -> np.ndarray:
-    """Probabilities of every model for ``split``: (M, N, K, H, W), checked against ``case``."""
+def load_stack(
+    pred_dir: Path,
+    models: list[str],
+    split: str,
+    case: np.ndarray,
+    read: Callable[[Path], tuple[np.ndarray, np.ndarray]] = read_probabilities,
+) -> np.ndarray:
+    """Saved outputs of every model for ``split`` (``read``: probabilities -> (M, N, K, H, W),
+    or ``read_reconstructions`` -> (M, N, H, W)), checked against the prepared ``case``."""
     stack = []
     for m in models:
         path = pred_dir / m / f"{split}.h5"
-        probs, c = read_probabilities(path)
+        out, c = read(path)
         if not np.array_equal(c, case):
             raise DataError(f"{path}: case order differs from the prepared {split} set")
-        stack.append(probs)
+        stack.append(out)
     return np.stack(stack)
 
 
@@ -88,24 +96,14 @@ def segmentation_ensemble(
     return {**ens, "_search": (result, search_s)}, mean, baselines
 
 
-def load_recon_stack(pred_dir: Path, models: list[str], split: str, case: np.ndarray) -> np.ndarray:
-    """Reconstructions of every model for ``split``: (M, N, H, W), checked against ``case``."""
-    stack = []
-    for m in models:
-        path = pred_dir / m / f"{split}.h5"
-        recon, c = read_reconstructions(path)
-        if not np.array_equal(c, case):
-            raise DataError(f"{path}: case order differs from the prepared {split} set")
-        stack.append(recon)
-    return np.stack(stack)
-
-
 def reconstruction_ensemble(
     p: dict, models: list[str], predictions: Path, data: Path, seed: int
 ) -> tuple[dict, dict, dict]:
     """(ensemble entry, unweighted-mean entry, baselines) for reconstruction."""
     sets = {split: read_reconstruction_h5(data / f"{split}.h5") for split in ("val", "test")}
-    stacks = {s: load_recon_stack(predictions, models, s, d.case) for s, d in sets.items()}
+    stacks = {
+        s: load_stack(predictions, models, s, d.case, read_reconstructions) for s, d in sets.items()
+    }
     val = sets["val"]
     t0 = time.perf_counter()
     result = search_image_weights(

@@ -79,3 +79,16 @@ def test_unknown_model_and_bad_key_name_what_is_known():
         build_model("resunet", 1, 4)
     with pytest.raises(ConfigError, match="bad config for model 'unet'.*featurez"):
         build_model("unet", 1, 4, {"featurez": [4, 8]})
+
+
+def test_cli_lists_every_network_with_its_size():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mri_ensemble.nets"], capture_output=True, text=True, check=True
+    ).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert set(rows) == set(REGISTRY)
+    assert rows["unet"][1] == "segmentation" and rows["varnet"][1] == "reconstruction"
+    assert int(rows["unet"][2].replace(",", "")) == count_parameters(build_model("unet", 1, 4))

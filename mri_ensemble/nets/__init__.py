@@ -68,15 +68,3 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def main() -> None:
-    """``python -m mri_ensemble.nets``: every registered network with its parameter count."""
-    print(f"{'network':<22} {'task':<15} {'parameters (default config)':>28}")
-    for table, task, (cin, cout) in (
-        (SEGMENTATION, "segmentation", (1, 4)),
-        (RECONSTRUCTION, "reconstruction", (2, 1)),
-    ):
-        for name in sorted(table):
-            n = count_parameters(build_model(name, cin, cout))
-            print(f"{name:<22} {task:<15} {n:>28,}")
