@@ -138,6 +138,7 @@ def main() -> None:
         {**entry.get("optim", {}), "seed": get(params, "seed"), "device": get(params, "device")}
     )
     spec, loss_fn, train_set, validate = setup_task(entry, args.train, args.val, cfg.seed)
+    batch_transform = mixup_transform(entry, spec.out_channels)  # config errors before MLflow
     n_params = count_parameters(spec.build())
     meta = {
         "task": task,
@@ -184,7 +185,7 @@ def main() -> None:
             work,
             meta,
             on_epoch,
-            batch_transform=mixup_transform(entry, spec.out_channels),
+            batch_transform=batch_transform,
         )
         summary = {
             "task": task,

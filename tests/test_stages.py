@@ -205,3 +205,20 @@ def test_training_a_network_of_the_other_task_is_one_line(tmp_path):
         "--val", "v.h5", "--out", "m", "--history", "h.csv",
     )  # fmt: skip
     one_line_error(proc, "unknown segmentation model 'varnet'; known: attention_unet,")
+
+
+def test_mixup_on_a_reconstruction_model_is_one_line(tmp_path):
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["train"]["reconstruction-varnet"]["mixup_alpha"] = 0.4
+    p["train"]["reconstruction-varnet"]["net"] = {"cascades": 1, "chans": 2, "sens_chans": 2}
+    from mri_ensemble.data.prepared_recon import write_reconstruction_h5
+
+    from test_reconstruction import make_set
+
+    write_reconstruction_h5(tmp_path / "t.h5", make_set())
+    proc = run_stage(
+        tmp_path, p, "stages.train", "--name", "reconstruction-varnet", "--train", "t.h5",
+        "--val", "t.h5", "--out", "m", "--history", "h.csv",
+    )  # fmt: skip
+    one_line_error(proc, "reconstruction-varnet.mixup_alpha needs a multi-class segmentation")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "mlflow.db").exists()
