@@ -211,9 +211,9 @@ def test_mixup_on_a_reconstruction_model_is_one_line(tmp_path):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["train"]["reconstruction-varnet"]["mixup_alpha"] = 0.4
     p["train"]["reconstruction-varnet"]["net"] = {"cascades": 1, "chans": 2, "sens_chans": 2}
-    from mri_ensemble.data.prepared_recon import write_reconstruction_h5
-
     from test_reconstruction import make_set
+
+    from mri_ensemble.data.prepared_recon import write_reconstruction_h5
 
     write_reconstruction_h5(tmp_path / "t.h5", make_set())
     proc = run_stage(
