@@ -1,92 +1,177 @@
-"""Weighted-ensemble search: choose per-model weights on validation outputs.
+"""Ensemble weight search: choose member weights on validation outputs only.
 
-Segmentation: the ensemble of M models is ``argmax_c sum_m w_m p_m[c]``, scored by the
-mean foreground IoU of :mod:`mri_ensemble.metrics` (per-volume, NaN policy as documented
-there). Reconstruction: the ensemble is the weighted sum of images ``sum_m w_m x_m``,
-scored by SSIM with fastMRI's semantics (:mod:`mri_ensemble.mri.quality`). Weights ``w``
-lie on the simplex (non-negative, summing to 1) and are searched on validation outputs
-only (report R3 searched and reported on the same data; we do not).
+Segmentation fuses probabilities, ``argmax_c sum_m W[m, c] p_m[c]``, and is scored by the
+mean foreground IoU of :mod:`mri_ensemble.metrics` (per volume). ``W`` is one weight per
+model (``(M,)``, shared by every class) or, for ``per_class``, an ``(M, C)`` matrix whose
+every column lies on the simplex. Reconstruction fuses images, ``sum_m w_m x_m``, scored by
+SSIM with fastMRI's semantics (:mod:`mri_ensemble.mri.quality`). Weights are always chosen
+on val outputs; report R3 searched and reported on the same data, we do not, and
+:func:`crossfit` estimates how optimistic the in-sample val score is.
 
-Every method's candidate pool holds each one-hot (every single model) and the uniform
-weights, so the chosen val score is never below the best single model. Among equal
-scores the weights nearest to uniform (L2) win, then the earlier candidate; a search is
-deterministic for a seed.
+Methods (``METHODS``):
 
-Speed (segmentation): no network is re-run. A pixel on which every model's argmax agrees keeps that label
-for any non-negative weights (the combination cannot prefer another class), so its counts
-are computed once; only the disputed pixels are re-scored per candidate. A batch of K
-candidates is scored with one matrix product over the model axis per chunk of disputed
-pixels, an argmax, and one ``np.bincount`` over (candidate, case, true, predicted) indices.
+- ``mean``: the unweighted mean (nnU-Net, MONAI Auto3DSeg). ``vote``: majority vote of the
+  members' labels, ties broken by the mean probability (segmentation only).
+  ``best_single``: the member with the best val score.
+- ``random``: R3's random grid: ``n_random`` candidates, each weight drawn uniform in
+  [0, 1], then normalised. ``nelder_mead``: Nelder-Mead (SciPy) on softmax logits from the
+  best one-hot / uniform start. ``random+nelder_mead``: random, then Nelder-Mead from its
+  best. Every candidate pool of these holds each one-hot and the uniform weights.
+- ``greedy``: forward selection with replacement (Caruana et al. 2004; auto-sklearn's
+  ensemble selection): ``rounds`` times add the member whose addition scores best, weights
+  = how often each member was added; the best bag along the path wins.
+- ``per_class`` (segmentation): start from ``random+nelder_mead``'s shared weights, then
+  coordinate search over the columns of ``W`` (``n_random`` Dirichlet columns + one-hots per
+  class and sweep), penalised by ``penalty * ||W - W0||^2 / C`` toward the shared weights;
+  an overfitting guard refits both on each half of the val cases and keeps the per-class
+  weights only if they beat the shared ones on the other half on average.
 
-Memory: the disputed pixels are copied once, (M, C, P) in the input dtype (at most the
-size of ``probs``); each chunk then holds ``CHUNK_ELEMENTS`` candidate-pixels, about
-``CHUNK_ELEMENTS * (4 * C + 3 * 8)`` bytes (~10 MB for C = 4, cache-sized), whatever K
-and N are; the counts add ``K * n_cases * C * C * 8`` bytes.
+Every optimiser (all but ``mean`` and ``vote``) returns a val score no lower than the best
+single member. Ties go to the weights nearest to uniform (L2), then the earlier candidate;
+a search is deterministic for a seed.
+
+Speed. No network is re-run; candidates are scored in batches, vectorised:
+
+- IoU: a pixel on which every member's argmax agrees keeps that label for any shared
+  non-negative weights, so its confusion counts are computed once; only disputed pixels are
+  re-scored (with per-class weights a pixel is also disputed when some other class's
+  largest probability reaches the agreed class's smallest). A batch of K candidates is one
+  matrix product over the model axis per chunk of disputed pixels, an argmax and one
+  ``np.bincount`` over (candidate, case, true, predicted). Memory: the disputed pixels are
+  copied once as (M, C, P); a chunk holds ``CHUNK_ELEMENTS`` candidate-pixels (~10 MB).
+- SSIM: the 7x7 box filter is linear, so the local means of a weighted sum are weighted
+  sums of each member's filtered maps. The filtered ``x_m``, ``x_m * x_n`` (m <= n) and
+  ``x_m * y`` are computed once; a batch of candidates then needs matrix products and
+  element-wise arithmetic only, with no filtering (equal to :func:`ssim_slices` to
+  rounding). Memory: (M (M + 3) / 2) float64 maps of the val set, plus chunk temporaries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.ndimage import uniform_filter
 from scipy.optimize import minimize
 
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.metrics import batch_mean_iou, case_index, counts_from_matrix
-from mri_ensemble.mri.quality import ssim_slices
+from mri_ensemble.mri.quality import K1, K2, WIN_SIZE
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mean", "random", "nelder_mead", "random+nelder_mead")
+OPTIMISERS = ("best_single", "random", "nelder_mead", "random+nelder_mead", "greedy", "per_class")
+METHODS = ("mean", "vote", *OPTIMISERS)
+SEGMENTATION_ONLY = ("vote", "per_class")
 CHUNK_ELEMENTS = 1 << 18  # candidate-pixels scored per chunk (bounds memory, see module doc)
 NELDER_MEAD_MAX_EVALS = 200  # objective evaluations of one Nelder-Mead refinement
 NELDER_MEAD_STEP = 1.0  # initial simplex step in softmax logits (a weight ratio of e)
+PER_CLASS_SWEEPS = 2  # passes over the classes of the per-class coordinate search
+SSIM_BLOCK = 1 << 15  # candidate-pixels per SSIM block (~256 KiB per float64 temporary)
 _TIE_ATOL = 1e-12  # scores closer than this are ties
 
 
 @dataclass
 class SearchResult:
-    """Outcome of :func:`search_weights`.
+    """Outcome of a search.
 
-    weights: (M,) non-negative, sums to 1. score: val mean foreground IoU of ``weights``.
-    trace: (weights, score) of the notable candidates, in order: each one-hot (model
-    order), uniform, the chosen weights.
+    weights: (M,) on the simplex, or (M, C) with every column on the simplex (per_class).
+    score: the val score of ``weights`` (IoU or SSIM). trace: (weights, score) of the
+    notable candidates: each one-hot, uniform, the chosen weights. order: members in the
+    order greedy selection first added them (greedy only). note: what a guard decided.
     """
 
     method: str
     weights: np.ndarray
     score: float
     candidates_evaluated: int
-    trace: list[tuple[list[float], float]] = field(default_factory=list)
+    trace: list[tuple[list, float]] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    note: str = ""
 
 
-def _normalise(weights: np.ndarray, n_models: int) -> np.ndarray:
+@dataclass
+class SearchConfig:
+    """The ``ensemble.<task>`` params a search reads (see params.yaml for meanings)."""
+
+    method: str = "random+nelder_mead"
+    n_random: int = 200
+    seed: int = 0
+    rounds: int = 25  # greedy
+    penalty: float = 0.01  # per_class: shrinkage toward the shared weights
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"unknown ensemble method {self.method!r}; known: {', '.join(METHODS)}"
+            )
+        if self.n_random < 0:
+            raise ConfigError(f"n_random must be >= 0, found {self.n_random}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, found {self.rounds}")
+        if not self.penalty >= 0:
+            raise ConfigError(f"penalty must be >= 0, found {self.penalty}")
+
+
+def _normalise(weights: np.ndarray | Sequence[float], n_models: int) -> np.ndarray:
+    """(M,) or (M, C) weights -> normalised to sum to 1 over the model axis (per column)."""
     w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (n_models,):
-        raise DataError(f"weights must have shape ({n_models},), found {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    if w.ndim not in (1, 2) or w.shape[0] != n_models:
+        raise DataError(
+            f"weights must have shape ({n_models},) or ({n_models}, C), found {w.shape}"
+        )
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(w.sum(axis=0) <= 0):
         raise DataError(f"weights must be finite, non-negative and not all zero, found {w}")
-    return w / w.sum()
+    return w / w.sum(axis=0)
 
 
-def combine(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def combine(probs: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
     """Weighted average of model probabilities.
 
-    probs: (M, N, C, H, W) any float dtype; weights: (M,) non-negative, normalised here to
-    sum to 1 -> (N, C, H, W) float32. Works in chunks of slices (no float32 copy of probs).
+    probs: (M, N, C, H, W) any float dtype; weights: (M,) or per class (M, C), non-negative,
+    normalised here over the models -> (N, C, H, W) float32. Works in chunks of slices.
     """
     probs = np.asarray(probs)
     if probs.ndim != 5 or probs.shape[0] == 0:
         raise DataError(f"probs must have shape (M >= 1, N, C, H, W), found {probs.shape}")
     w = _normalise(weights, probs.shape[0]).astype(np.float32)
+    if w.ndim == 2 and w.shape[1] != probs.shape[2]:
+        raise DataError(f"per-class weights {w.shape} do not match {probs.shape[2]} classes")
+    w = w if w.ndim == 2 else np.repeat(w[:, None], probs.shape[2], axis=1)  # (M, C)
     out = np.empty(probs.shape[1:], dtype=np.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(probs.shape[2:]))))
     for s in range(0, probs.shape[1], step):
         chunk = probs[:, s : s + step].astype(np.float32)  # (M, n, C, H, W)
-        out[s : s + step] = np.einsum("m,mnchw->nchw", w, chunk)  # (n, C, H, W)
+        out[s : s + step] = np.einsum("mc,mnchw->nchw", w, chunk)  # (n, C, H, W)
     return out
+
+
+def vote(probs: np.ndarray) -> np.ndarray:
+    """Majority vote of the members' labels -> (N, H, W) uint8; ties -> larger mean probability.
+
+    probs: (M, N, C, H, W). A class's score is its vote count plus its mean probability,
+    which lies in [0, 1], so it only ever breaks ties between equal counts.
+    """
+    probs = np.asarray(probs)
+    m, n, c = probs.shape[:3]
+    out = np.empty((n, *probs.shape[3:]), dtype=np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(probs.shape[2:]))))
+    for s in range(0, n, step):
+        chunk = probs[:, s : s + step].astype(np.float32)  # (M, n, C, H, W)
+        labels = chunk.argmax(axis=2)  # (M, n, H, W)
+        counts = np.stack([(labels == k).sum(axis=0) for k in range(c)], axis=1)  # (n, C, H, W)
+        out[s : s + step] = (counts + chunk.mean(axis=0) * (1 - 1e-6)).argmax(axis=1)
+    return out
+
+
+def fuse_labels(probs: np.ndarray, result: SearchResult) -> np.ndarray:
+    """Labels (N, H, W) uint8 of the ensemble ``result`` on ``probs`` (M, N, C, H, W)."""
+    if result.method == "vote":
+        return vote(probs)
+    return combine(probs, result.weights).argmax(axis=1).astype(np.uint8)
 
 
 def _validate(probs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
@@ -116,13 +201,17 @@ def _validate(probs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
 
 
 class _BatchScorer:
-    """Mean foreground IoU of many weight vectors on fixed probabilities and labels."""
+    """Mean foreground IoU of many weight vectors (K, M) or matrices (K, M, C)."""
 
-    def __init__(self, probs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+    def __init__(
+        self, probs: np.ndarray, target: np.ndarray, case: np.ndarray, per_class: bool = False
+    ) -> None:
         m, n, c = probs.shape[:3]
         _, case_idx = case_index(case)
         self.n_cases = int(case_idx.max()) + 1
         self.n_classes = c
+        self.n_models = m
+        self.per_class = per_class
         per_slice = int(np.prod(target.shape[1:]))
         # base index (case * C + true) * C of each pixel, the predicted class is added later
         index_dtype = np.int32 if self.n_cases * c * c < 2**31 else np.int64
@@ -134,9 +223,11 @@ class _BatchScorer:
             [probs[i].argmax(axis=1).reshape(-1).astype(vote_dtype) for i in range(m)]
         )  # (M, N*H*W): each model's own label
         disputed = np.any(votes != votes[:1], axis=0)  # (N*H*W,)
+        if per_class and m > 1:
+            disputed |= self._reachable(probs, votes[0])
         fixed = np.bincount(
             base[~disputed] + votes[0, ~disputed], minlength=self.n_cases * c * c
-        )  # counts of the pixels every model agrees on
+        )  # counts of the pixels no candidate can change
         self.fixed = fixed.reshape(self.n_cases, c, c)
         self.base = base[disputed]  # (P,)
         flat = np.flatnonzero(disputed)
@@ -146,16 +237,36 @@ class _BatchScorer:
         self.probs = np.ascontiguousarray(picked.transpose(1, 2, 0))  # (M, C, P)
         log.debug("ensemble scorer: %d of %d pixels disputed", flat.size, disputed.size)
 
+    @staticmethod
+    def _reachable(probs: np.ndarray, agreed: np.ndarray) -> np.ndarray:
+        """Pixels where per-class weights could move the label off the agreed one: some
+        other class's largest member probability reaches the agreed class's smallest."""
+        m, n, c = probs.shape[:3]
+        out = np.empty(agreed.shape, dtype=bool)
+        per_slice = int(np.prod(probs.shape[3:]))
+        step = max(1, CHUNK_ELEMENTS // max(1, m * c * per_slice))
+        for s in range(0, n, step):
+            chunk = probs[:, s : s + step].astype(np.float32).reshape(m, -1, c, per_slice)
+            lab = agreed[s * per_slice : (s + step) * per_slice].reshape(-1, 1, per_slice)
+            lo = np.take_along_axis(chunk.min(axis=0), lab.astype(np.int64), axis=1)[:, 0]
+            hi = chunk.max(axis=0)  # (n, C, P)
+            np.put_along_axis(hi, lab.astype(np.int64), -np.inf, axis=1)
+            out[s * per_slice : (s + step) * per_slice] = (hi.max(axis=1) >= lo).reshape(-1)
+        return out
+
     def __call__(self, weights: np.ndarray) -> np.ndarray:
-        """weights (K, M), rows normalised -> (K,) mean foreground IoU (NaN: nothing to score)."""
+        """weights (K, M) or (K, M, C), normalised -> (K,) mean foreground IoU (NaN: nothing)."""
         k = weights.shape[0]
         c, n_cases = self.n_classes, self.n_cases
+        if weights.ndim == 3 and not self.per_class:
+            raise DataError("per-class weights need a scorer built with per_class=True")
         cells = n_cases * c * c
         matrix = np.zeros((k, cells), dtype=np.int64)
         p_total = self.base.size
         k_step = max(1, min(k, CHUNK_ELEMENTS))
         p_step = max(1, CHUNK_ELEMENTS // k_step)
         w32 = weights.astype(np.float32)
+        spec = "kmc,mcp->kcp" if weights.ndim == 3 else "km,mcp->kcp"
         for k0 in range(0, k, k_step):
             wk = w32[k0 : k0 + k_step]
             kk = wk.shape[0]
@@ -163,7 +274,7 @@ class _BatchScorer:
             for p0 in range(0, p_total, p_step):
                 chunk = self.probs[:, :, p0 : p0 + p_step]  # (M, C, p), input dtype
                 pp = chunk.shape[2]
-                fused = np.einsum("km,mcp->kcp", wk, chunk.astype(np.float32, copy=False))
+                fused = np.einsum(spec, wk, chunk.astype(np.float32, copy=False))
                 pred = _argmax_classes(fused)  # (kk, p)
                 idx = offset + self.base[p0 : p0 + pp] + pred  # (kk, p) int64
                 counts = np.bincount(idx.reshape(-1), minlength=kk * cells)
@@ -192,12 +303,92 @@ def _argmax_classes(fused: np.ndarray) -> np.ndarray:
     return pred
 
 
+class _SSIMScorer:
+    """Per-volume mean SSIM (fastMRI semantics) of many weighted sums of reconstructions.
+
+    Uses the linearity of the box filter (module doc): the filtered members, pairwise
+    products and products with the target are computed once, on the interior pixels that
+    SSIM averages (a 3-pixel border is cropped after filtering, as skimage does).
+    """
+
+    def __init__(self, recons: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+        x = np.asarray(recons, dtype=np.float64)  # (M, N, H, W)
+        y = np.asarray(target, dtype=np.float64)  # (N, H, W)
+        m, n, h, w = x.shape
+        pad = (WIN_SIZE - 1) // 2
+        self.cov_norm = WIN_SIZE**2 / (WIN_SIZE**2 - 1)
+
+        def filt(a: np.ndarray) -> np.ndarray:  # (..., N, H, W) -> (..., P) interior pixels
+            f = uniform_filter(a, size=WIN_SIZE, axes=(-2, -1))
+            return f[..., pad : h - pad, pad : w - pad].reshape(*a.shape[:-3], -1)
+
+        self.uy = filt(y)  # (P,)
+        self.vy = self.cov_norm * (filt(y * y) - self.uy**2)
+        self.u = np.stack([filt(x[i]) for i in range(m)])  # (M, P)
+        self.r = np.stack([filt(x[i] * y) for i in range(m)])  # (M, P)
+        self.pairs = np.triu_indices(m)
+        self.q = np.stack([filt(x[i] * x[j]) for i, j in zip(*self.pairs, strict=True)])
+        self.mult = np.where(self.pairs[0] == self.pairs[1], 1.0, 2.0)  # (npairs,)
+        _, case_idx = case_index(case)
+        n_cases = int(case_idx.max()) + 1
+        vol_max = np.array([y[case_idx == c].max() for c in range(n_cases)])
+        per_slice = (h - 2 * pad) * (w - 2 * pad)
+        dr = np.repeat(vol_max[case_idx], per_slice)  # (P,)
+        self.c1 = (K1 * dr) ** 2
+        self.c2 = (K2 * dr) ** 2
+        # mean over a slice's pixels, then over a volume's slices, then over volumes
+        slices_in_case = np.bincount(case_idx)[case_idx]  # (N,)
+        self.pixel_weight = np.repeat(1.0 / (per_slice * slices_in_case * n_cases), per_slice)
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        """weights (K, M), rows normalised -> (K,) mean SSIM over volumes.
+
+        Works on blocks of (candidates x pixels) of about ``SSIM_BLOCK`` elements, so the
+        dozen element-wise temporaries stay in cache instead of streaming through memory.
+        """
+        w = np.asarray(weights, dtype=np.float64)
+        k, p = w.shape[0], self.uy.size
+        out = np.zeros(k)
+        pw = w[:, self.pairs[0]] * w[:, self.pairs[1]] * self.mult  # (K, npairs)
+        k_step = min(k, 1024)
+        p_step = max(64, SSIM_BLOCK // k_step)
+        for k0 in range(0, k, k_step):
+            wk, pk = w[k0 : k0 + k_step], pw[k0 : k0 + k_step]
+            acc = out[k0 : k0 + k_step]
+            for p0 in range(0, p, p_step):
+                sl = slice(p0, p0 + p_step)
+                uy, c1, c2 = self.uy[sl], self.c1[sl], self.c2[sl]
+                ux = wk @ self.u[:, sl]  # (k, p)
+                ux2 = ux * ux
+                uxy = ux * uy
+                vx = pk @ self.q[:, sl]
+                vx -= ux2
+                vx *= self.cov_norm
+                vx += self.vy[sl] + c2  # b2
+                vxy = wk @ self.r[:, sl]
+                vxy -= uxy
+                vxy *= 2 * self.cov_norm
+                vxy += c2  # a2
+                uxy *= 2
+                uxy += c1  # a1
+                ux2 += uy * uy + c1  # b1
+                uxy *= vxy
+                ux2 *= vx
+                uxy /= ux2
+                acc += uxy @ self.pixel_weight[sl]
+        return out
+
+
+Scorer = Callable[[np.ndarray], np.ndarray]  # weights (K, M[, C]), normalised -> scores (K,)
+
+
 def _choose(weights: np.ndarray, scores: np.ndarray) -> int:
     """Index of the best score; ties -> nearest to uniform, then earliest. NaN loses."""
     finite = np.where(np.isnan(scores), -np.inf, scores)
     tied = np.flatnonzero(finite >= finite.max() - _TIE_ATOL)
-    uniform = np.full(weights.shape[1], 1.0 / weights.shape[1])
-    dist = np.linalg.norm(weights[tied] - uniform, axis=1)
+    flat = weights.reshape(len(weights), -1)
+    uniform = np.full(flat.shape[1], 1.0 / weights.shape[1])
+    dist = np.linalg.norm(flat[tied] - uniform, axis=1)
     return int(tied[np.argmin(dist)])  # argmin returns the first of equal distances
 
 
@@ -206,9 +397,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _nelder_mead(
-    scorer: Callable[[np.ndarray], np.ndarray], start: np.ndarray
-) -> tuple[list[np.ndarray], list[float]]:
+def _nelder_mead(scorer: Scorer, start: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
     """Refine ``start`` (M,) by Nelder-Mead on softmax logits; returns every evaluated point."""
     m = start.shape[0]
     seen_w: list[np.ndarray] = []
@@ -239,49 +428,296 @@ def _nelder_mead(
     return seen_w, seen_s
 
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # weights (K, M), rows sum to 1 -> scores (K,)
-
-
-def _search(scorer: Scorer, m: int, method: str, n_random: int, seed: int) -> SearchResult:
-    """The search shared by every task: candidates, refinement and choice on ``scorer``."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
-    if n_random < 0:
-        raise ConfigError(f"n_random must be >= 0, found {n_random}")
-    pool = [np.eye(m), np.full((1, m), 1.0 / m)]  # one-hots, uniform
-    if "random" in method.split("+"):
-        draws = np.random.default_rng(seed).uniform(0.0, 1.0, size=(n_random, m))
+def _pool_search(scorer: Scorer, m: int, cfg: SearchConfig) -> SearchResult:
+    """best_single, random, nelder_mead, random+nelder_mead: one-hots + uniform + ..."""
+    parts = cfg.method.split("+")
+    pool = [np.eye(m)] if cfg.method == "best_single" else [np.eye(m), np.full((1, m), 1.0 / m)]
+    if "random" in parts:
+        draws = np.random.default_rng(cfg.seed).uniform(0.0, 1.0, size=(cfg.n_random, m))
         sums = draws.sum(axis=1, keepdims=True)
         pool.append(np.where(sums > 0, draws / np.where(sums > 0, sums, 1.0), 1.0 / m))
     weights = np.vstack(pool)  # (K, M)
     scores = scorer(weights)  # (K,)
-
-    if "nelder_mead" in method and m > 1:
-        start = weights[_choose(weights, scores)]
-        nm_w, nm_s = _nelder_mead(scorer, start)
+    if "nelder_mead" in parts and m > 1:
+        nm_w, nm_s = _nelder_mead(scorer, weights[_choose(weights, scores)])
         weights = np.vstack([weights, *nm_w])
         scores = np.concatenate([scores, nm_s])
-
     best = _choose(weights, scores)
-    best_single = np.nanmax(scores[:m]) if not np.all(np.isnan(scores[:m])) else np.nan
-    assert np.isnan(best_single) or scores[best] >= best_single - _TIE_ATOL
-    trace = [(weights[i].tolist(), float(scores[i])) for i in range(m + 1)]
+    trace = [(weights[i].tolist(), float(scores[i])) for i in range(min(m + 1, len(weights)))]
     trace.append((weights[best].tolist(), float(scores[best])))
-    log.info(
-        "ensemble %s: %d candidates, best val score %.4f (best single %.4f, uniform %.4f)",
-        method,
-        len(scores),
-        scores[best],
-        best_single,
-        scores[m],
-    )
+    return SearchResult(cfg.method, weights[best].copy(), float(scores[best]), len(scores), trace)
+
+
+def _greedy(scorer: Scorer, m: int, cfg: SearchConfig) -> SearchResult:
+    """Caruana's forward selection with replacement; the best bag along the path wins."""
+    counts = np.zeros(m)
+    path_w, path_s, order = [], [], []
+    for _ in range(cfg.rounds):
+        cands = (counts + np.eye(m)) / (counts.sum() + 1)  # (M, M): add each member once
+        s = scorer(cands)
+        j = int(np.argmax(np.where(np.isnan(s), -np.inf, s)))  # first best
+        counts[j] += 1
+        path_w.append(counts / counts.sum())
+        path_s.append(float(s[j]))
+        if j not in order:
+            order.append(j)
+    weights, scores = np.vstack(path_w), np.asarray(path_s)
+    finite = np.where(np.isnan(scores), -np.inf, scores)
+    best = int(np.flatnonzero(finite >= finite.max() - _TIE_ATOL)[0])  # the smallest best bag
+    trace = [(w.tolist(), s) for w, s in zip(path_w, path_s, strict=True)]
     return SearchResult(
-        method=method,
-        weights=weights[best].copy(),
-        score=float(scores[best]),
-        candidates_evaluated=int(len(scores)),
-        trace=trace,
+        cfg.method, weights[best].copy(), float(scores[best]), cfg.rounds * m, trace, order
     )
+
+
+def _per_class_refine(
+    scorer: Scorer, w0: np.ndarray, n_classes: int, cfg: SearchConfig
+) -> tuple[np.ndarray, int]:
+    """Coordinate search over the columns of an (M, C) weight matrix from ``w0`` (M,)."""
+    m = w0.shape[0]
+    start = np.repeat(w0[:, None], n_classes, axis=1)  # (M, C)
+    current, evaluated = start.copy(), 0
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(PER_CLASS_SWEEPS):
+        for cls in range(n_classes):
+            cols = np.vstack([np.eye(m), rng.dirichlet(np.ones(m), cfg.n_random)])  # (R, M)
+            cand = np.repeat(current[None], len(cols) + 1, axis=0)  # [0] keeps the current
+            cand[1:, :, cls] = cols
+            raw = scorer(cand)
+            evaluated += len(cand)
+            shrink = cfg.penalty * ((cand - start) ** 2).sum(axis=(1, 2)) / n_classes
+            penalised = np.where(np.isnan(raw), -np.inf, raw - shrink)
+            current = cand[int(np.argmax(penalised))].copy()  # ties keep the current
+    return current, evaluated
+
+
+def case_groups(case: np.ndarray) -> np.ndarray:
+    """(N,) group id per slice: the case id with an ``_ED``/``_ES``/``_frameNN`` suffix removed,
+    so the two phases of one ACDC patient always fall in the same fold."""
+    names, idx = case_index(case)
+    stripped = [re.sub(r"_(ED|ES|frame\d+)$", "", n) for n in names]
+    return np.asarray(stripped)[idx]
+
+
+def case_folds(case: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Split slice indices into ``min(k, groups)`` folds of whole groups (:func:`case_groups`);
+    groups are shuffled by ``seed`` and dealt round-robin. Each fold lists held-out slices."""
+    if k < 2:
+        raise ConfigError(f"crossfit folds must be >= 2, found {k}")
+    groups = case_groups(case)
+    unique = np.unique(groups)
+    if len(unique) < 2:
+        raise DataError(f"cross-fitting needs at least 2 case groups, found {len(unique)}")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    folds = [unique[order[f :: min(k, len(unique))]] for f in range(min(k, len(unique)))]
+    return [np.flatnonzero(np.isin(groups, f)) for f in folds]
+
+
+class _Objective:
+    """A task's val outputs, and how to score and fuse them on subsets of slices/models."""
+
+    n_classes: int | None  # None for images (no per-class weights, no vote)
+
+    def __init__(self, outputs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+        self.outputs, self.target, self.case = outputs, target, np.asarray(case)
+        self.n_models = outputs.shape[0]
+
+    def take(
+        self, slices: np.ndarray | None, models: Sequence[int] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.outputs if models is None else self.outputs[list(models)]
+        if slices is None:
+            return out, self.target, self.case
+        return out[:, slices], self.target[slices], self.case[slices]
+
+    def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
+        raise NotImplementedError
+
+    def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
+        raise NotImplementedError
+
+    def score_vote(self, slices=None, models=None) -> float:
+        raise ConfigError("ensemble method 'vote' is for segmentation only")
+
+
+class SegmentationObjective(_Objective):
+    """probs (M, N, C, H, W), target (N, H, W) labels, case (N,); checked on creation."""
+
+    def __init__(self, probs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+        probs, target = np.asarray(probs), np.asarray(target)
+        _validate(probs, target, case)
+        super().__init__(probs, target, case)
+        self.n_classes = probs.shape[2]
+
+    def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
+        return _BatchScorer(*self.take(slices, models), per_class=per_class)
+
+    def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
+        return fuse_labels(self.take(slices, models)[0], result)
+
+    def score_vote(self, slices=None, models=None) -> float:
+        probs, target, case = self.take(slices, models)
+        labels = vote(probs)
+        # the vote as a one-hot "model" scored by the same batched counts as any candidate
+        onehot = np.zeros((1, *probs.shape[1:]), dtype=np.float32)
+        np.put_along_axis(onehot[0], labels[:, None].astype(np.int64), 1.0, axis=1)
+        return float(_BatchScorer(onehot, target, case)(np.ones((1, 1)))[0])
+
+
+class ImageObjective(_Objective):
+    """recons (M, N, H, W), target (N, H, W), case (N,); checked on creation."""
+
+    n_classes = None
+
+    def __init__(self, recons: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+        recons, target = np.asarray(recons), np.asarray(target)
+        if recons.ndim != 4 or recons.shape[0] == 0 or recons.shape[2:] != target.shape[1:]:
+            raise DataError(
+                f"recons must be (M >= 1, N, H, W) matching target {target.shape}, "
+                f"found {recons.shape}"
+            )
+        if recons.shape[1] != target.shape[0] or np.asarray(case).shape != (target.shape[0],):
+            raise DataError("recons, target and case must have the same number of slices")
+        if not np.all(np.isfinite(recons)):
+            raise DataError("recons contain NaN or infinite values")
+        super().__init__(recons, target, case)
+
+    def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
+        return _SSIMScorer(*self.take(slices, models))
+
+    def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
+        return combine_images(self.take(slices, models)[0], result.weights)
+
+
+def search(
+    obj: _Objective,
+    cfg: SearchConfig,
+    slices: np.ndarray | None = None,
+    models: Sequence[int] | None = None,
+) -> SearchResult:
+    """Run ``cfg.method`` on the val outputs of ``obj`` (optionally a subset of slices/models)."""
+    m = obj.n_models if models is None else len(models)
+    if cfg.method in SEGMENTATION_ONLY and obj.n_classes is None:
+        raise ConfigError(f"ensemble method {cfg.method!r} is for segmentation only")
+    uniform = np.full(m, 1.0 / m)
+    if cfg.method == "vote":
+        return SearchResult("vote", uniform, obj.score_vote(slices, models), 1)
+    scorer = obj.scorer(slices, models)
+    if cfg.method == "mean":
+        score = float(scorer(uniform[None])[0])
+        return SearchResult("mean", uniform, score, 1, [(uniform.tolist(), score)])
+    if cfg.method == "greedy":
+        result = _greedy(scorer, m, cfg)
+    elif cfg.method == "per_class":
+        result = _per_class(obj, cfg, slices, models)
+    else:
+        result = _pool_search(scorer, m, cfg)
+    if cfg.method != "per_class":  # the optimiser's promise (per_class: checked inside)
+        singles = scorer(np.eye(m))
+        best_single = np.nan if np.all(np.isnan(singles)) else np.nanmax(singles)
+        assert np.isnan(best_single) or result.score >= best_single - 1e-9
+    log.debug(
+        "ensemble %s: %d candidates, val %.4f",
+        cfg.method,
+        result.candidates_evaluated,
+        result.score,
+    )
+    return result
+
+
+def _per_class(
+    obj: _Objective, cfg: SearchConfig, slices: np.ndarray | None, models: Sequence[int] | None
+) -> SearchResult:
+    assert obj.n_classes is not None
+    c = obj.n_classes
+    m = obj.n_models if models is None else len(models)
+    base_cfg = SearchConfig("random+nelder_mead", cfg.n_random, cfg.seed)
+    all_idx = np.arange(len(obj.case)) if slices is None else np.asarray(slices)
+
+    def fit(idx: np.ndarray) -> tuple[SearchResult, np.ndarray, int]:
+        base = _pool_search(obj.scorer(idx, models), m, base_cfg)
+        w, n = _per_class_refine(obj.scorer(idx, models, per_class=True), base.weights, c, cfg)
+        return base, w, base.candidates_evaluated + n
+
+    base, w, evaluated = fit(all_idx)
+    shared = np.repeat(base.weights[:, None], c, axis=1)
+    note = ""
+    enough = len(np.unique(case_groups(obj.case[all_idx]))) >= 2
+    halves = case_folds(obj.case[all_idx], 2, cfg.seed) if enough else []
+    if len(halves) == 2 and not np.array_equal(w, shared):
+        gains = []
+        for held, fitted in ((halves[0], halves[1]), (halves[1], halves[0])):
+            b, wf, n = fit(all_idx[fitted])
+            evaluated += n
+            held_scorer = obj.scorer(all_idx[held], models, per_class=True)
+            s = held_scorer(np.stack([wf, np.repeat(b.weights[:, None], c, axis=1)]))
+            gains.append(0.0 if np.any(np.isnan(s)) else float(s[0] - s[1]))
+        if np.mean(gains) <= 0:
+            w = shared
+            note = f"held-out check kept the shared weights (per-class gain {np.mean(gains):+.4f})"
+        else:
+            note = f"held-out check kept per-class weights (gain {np.mean(gains):+.4f})"
+    elif len(halves) < 2:
+        note = "held-out check skipped: fewer than 2 case groups"
+    score = float(obj.scorer(slices, models, per_class=True)(w[None])[0])
+    assert score >= base.score - 1e-9
+    trace = [*base.trace, (w.tolist(), score)]
+    return SearchResult("per_class", w, score, evaluated, trace, note=note)
+
+
+def crossfit(
+    obj: _Objective, cfg: SearchConfig, folds: int
+) -> tuple[np.ndarray, list[SearchResult]]:
+    """Cross-fitted val outputs: each fold of whole case groups is fused with weights searched
+    on the other folds only. Returns the fused outputs in val order ((N, H, W) labels or
+    images) and each fold's result; score them with the task's usual metric."""
+    parts = case_folds(obj.case, folds, cfg.seed)
+    fused: np.ndarray | None = None
+    results = []
+    everything = np.arange(len(obj.case))
+    for held in parts:
+        fitted = np.setdiff1d(everything, held)
+        result = search(obj, cfg, slices=fitted)
+        out = obj.fuse(result, slices=held)
+        if fused is None:
+            fused = np.empty((len(everything), *out.shape[1:]), dtype=out.dtype)
+        fused[held] = out
+        results.append(result)
+    assert fused is not None
+    return fused, results
+
+
+def forward_selection(obj: _Objective, cfg: SearchConfig) -> list[tuple[list[int], SearchResult]]:
+    """Ensembles of size 1..M in greedy order: each step adds the member whose addition gives
+    the best val score with weights searched by ``cfg`` (ties: the earlier member).
+
+    Returns (members in the order they were added, result) per size; the result's weights
+    follow the members in model order (``sorted(members)``), so the last size is exactly
+    the search over every member."""
+    chosen: list[int] = []
+    out = []
+    for _ in range(obj.n_models):
+        best: tuple[float, int, SearchResult] | None = None
+        for j in range(obj.n_models):
+            if j in chosen:
+                continue
+            r = search(obj, cfg, models=sorted([*chosen, j]))
+            s = -np.inf if np.isnan(r.score) else r.score
+            if best is None or s > best[0] + _TIE_ATOL:
+                best = (s, j, r)
+        assert best is not None
+        chosen.append(best[1])
+        out.append((list(chosen), best[2]))
+    return out
+
+
+def leave_one_out(obj: _Objective, cfg: SearchConfig) -> list[SearchResult | None]:
+    """Per member: the search re-run without it (None when it is the only member)."""
+    m = obj.n_models
+    return [
+        search(obj, cfg, models=[j for j in range(m) if j != i]) if m > 1 else None
+        for i in range(m)
+    ]
 
 
 def search_weights(
@@ -292,57 +728,27 @@ def search_weights(
     method: str,
     n_random: int,
     seed: int,
+    rounds: int = 25,
+    penalty: float = 0.01,
 ) -> SearchResult:
-    """Search ensemble weights that maximise val mean foreground IoU.
+    """Search segmentation ensemble weights that maximise val mean foreground IoU.
 
     probs: (M, N, C, H, W) softmax probabilities of M models on the val slices (float16 or
-    float32); target: (N, H, W) integer labels; case: (N,) case id per slice.
-    method: ``"mean"`` (uniform 1/M unless a single model scores higher),
-    ``"random"`` (R3's random grid: ``n_random`` candidates, each weight independently
-    uniform in [0, 1], then normalised), ``"nelder_mead"`` (Nelder-Mead over softmax logits
-    from the best of one-hots and uniform), ``"random+nelder_mead"`` (random, then
-    Nelder-Mead from its best). n_random is ignored by methods without ``random``.
-    Raises ConfigError for an unknown method or negative n_random, DataError for bad inputs.
+    float32); target: (N, H, W) integer labels; case: (N,) case id per slice. ``method`` as in
+    the module doc; n_random, rounds and penalty are read by the methods that use them.
+    Raises ConfigError for an unknown method or bad settings, DataError for bad inputs.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown ensemble method {method!r}; known: {', '.join(METHODS)}")
-    probs = np.asarray(probs)
-    target = np.asarray(target)
-    _validate(probs, target, case)
-    return _search(_BatchScorer(probs, target, case), probs.shape[0], method, n_random, seed)
+    cfg = SearchConfig(method, n_random, seed, rounds, penalty)
+    return search(SegmentationObjective(probs, target, case), cfg)
 
 
-def combine_images(recons: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def combine_images(recons: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
     """Weighted sum of reconstructions (M, N, H, W) with simplex ``weights`` -> (N, H, W)."""
     recons = np.asarray(recons)
     w = _normalise(weights, recons.shape[0])
+    if w.ndim != 1:
+        raise DataError(f"image ensembles take one weight per model, found shape {w.shape}")
     return np.einsum("m,mnhw->nhw", w, recons.astype(np.float64)).astype(np.float32)
-
-
-class _SSIMScorer:
-    """Per-volume mean SSIM (fastMRI semantics) of many weighted sums of reconstructions."""
-
-    def __init__(self, recons: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
-        self.recons = recons.astype(np.float64)  # (M, N, H, W)
-        self.target = target.astype(np.float64)
-        _, self.case_idx = case_index(case)
-        n_cases = int(self.case_idx.max()) + 1
-        vol_max = np.array([target[self.case_idx == c].max() for c in range(n_cases)])
-        self.data_range = vol_max[self.case_idx]  # (N,)
-        # per-volume mean of per-slice scores, then the mean over volumes, as one matrix
-        onehot = np.eye(n_cases)[self.case_idx]  # (N, V)
-        self.avg = onehot / onehot.sum(0) / n_cases  # (N, V): scores @ avg summed -> mean
-        per_candidate = int(np.prod(target.shape))  # pixels of one fused candidate
-        self.k_step = max(1, CHUNK_ELEMENTS * 8 // per_candidate)
-
-    def __call__(self, weights: np.ndarray) -> np.ndarray:
-        out = np.empty(weights.shape[0])
-        for k0 in range(0, weights.shape[0], self.k_step):
-            wk = weights[k0 : k0 + self.k_step]
-            fused = np.einsum("km,mnhw->knhw", wk, self.recons)  # (k, N, H, W)
-            per_slice = ssim_slices(fused, self.target, self.data_range)  # (k, N)
-            out[k0 : k0 + len(wk)] = (per_slice @ self.avg).sum(axis=1)
-        return out
 
 
 def search_image_weights(
@@ -353,21 +759,13 @@ def search_image_weights(
     method: str,
     n_random: int,
     seed: int,
+    rounds: int = 25,
 ) -> SearchResult:
     """Search weights of a weighted sum of reconstructions that maximise val SSIM.
 
     recons: (M, N, H, W) reconstructions of M models on the val slices; target (N, H, W);
     case (N,). SSIM is per volume with data range = the volume's target maximum, averaged
-    over volumes (fastMRI). Methods as in :func:`search_weights`.
+    over volumes (fastMRI). Methods as in the module doc, except the segmentation-only ones.
     """
-    recons = np.asarray(recons)
-    target = np.asarray(target)
-    if recons.ndim != 4 or recons.shape[0] == 0 or recons.shape[2:] != target.shape[1:]:
-        raise DataError(
-            f"recons must be (M >= 1, N, H, W) matching target {target.shape}, found {recons.shape}"
-        )
-    if recons.shape[1] != target.shape[0] or np.asarray(case).shape != (target.shape[0],):
-        raise DataError("recons, target and case must have the same number of slices")
-    if not np.all(np.isfinite(recons)):
-        raise DataError("recons contain NaN or infinite values")
-    return _search(_SSIMScorer(recons, target, case), recons.shape[0], method, n_random, seed)
+    cfg = SearchConfig(method, n_random, seed, rounds)
+    return search(ImageObjective(recons, target, case), cfg)

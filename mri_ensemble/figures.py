@@ -275,3 +275,38 @@ def plot_reconstructions(
         )
     fig.subplots_adjust(wspace=0.03, hspace=0.15)
     _save(fig, path)
+
+
+def plot_pareto(
+    points: Sequence[tuple[str, float, float]], path: Path, xlabel: str, ylabel: str
+) -> None:
+    """Score versus cost of ensembles of growing size, with their Pareto front.
+
+    ``points``: (label, cost, score) in order of size. The front (no other point is both
+    cheaper and better) is drawn as a step line. Raises ValueError when empty.
+    """
+    if not points:
+        raise ValueError("plot_pareto: expected at least one (label, cost, score), found none")
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    xs = np.array([p[1] for p in points], dtype=float)
+    ys = np.array([p[2] for p in points], dtype=float)
+    front = [
+        i
+        for i in range(len(points))
+        if not any(
+            (xs[j] <= xs[i] and ys[j] > ys[i]) or (xs[j] < xs[i] and ys[j] >= ys[i])
+            for j in range(len(points))
+        )
+    ]
+    order = sorted(front, key=lambda i: xs[i])
+    ax.step(xs[order], ys[order], where="post", color="0.5", lw=1, zorder=2, label="Pareto front")
+    for i, (label, x, y) in enumerate(points):
+        on = i in front
+        ax.scatter([x], [y], s=45 if on else 25, color=_colour(0 if on else 1), zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    _save(fig, path)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mri_ensemble.errors import ConfigError, PipelineError
@@ -144,3 +145,11 @@ def mlflow_run(
             kwargs["parent_run_id"] = parent
     with mlflow.start_run(**kwargs) as run:
         yield run
+
+
+def weights_array(weights: dict, members: list[str]) -> np.ndarray:
+    """ensemble.json weights ({m: w} or {m: {class: w}}) -> (M,) or (M, C) in member order."""
+    rows = [weights[m] for m in members]
+    if all(isinstance(r, dict) for r in rows):
+        return np.array([list(r.values()) for r in rows], dtype=np.float64)
+    return np.array(rows, dtype=np.float64)

@@ -1,12 +1,15 @@
-"""ensemble@<task>: search ensemble weights on val outputs only, apply them to test.
+"""ensemble@<task>: compare ensemble methods on val outputs only, apply them to test.
 
-Reads every model's saved outputs (never re-runs a network), scores the ensemble, the
-unweighted mean and the non-learned baselines (segmentation: multi-Otsu threshold;
-reconstruction: zero-filled and GRAPPA), and writes ``<out>/ensemble.json`` (weights,
-search trace) and ``<out>/metrics.json`` (the committed DVC metrics). Segmentation
-maximises mean foreground IoU of the averaged probabilities, reconstruction the SSIM of
-the weighted sum of images (fastMRI semantics).
-"""
+Reads every model's saved outputs once (never re-runs a network). For the shipped method
+(``ensemble.<task>.method``) and every method in ``compare`` it searches weights on all of
+val, cross-fits them on val folds of whole cases (the honest val estimate), and scores
+them on test. For the shipped method it also builds ensembles of size 1..M in greedy
+order and re-searches without each member (leave-one-out). Baselines: segmentation
+multi-Otsu threshold; reconstruction zero-filled and GRAPPA.
+
+Writes ``<out>/ensemble.json`` (every method's weights, scores and trace, the sizes and
+the leave-one-out table) and ``<out>/metrics.json`` (the committed DVC metrics), and one
+MLflow run per method with the same metric names (``val_*``, ``crossfit_*``, ``test_*``)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,27 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mri_ensemble.baselines import threshold_segmentation
 from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
 from mri_ensemble.data.prepared import read_segmentation_h5
 from mri_ensemble.data.prepared_recon import read_reconstruction_h5
-from mri_ensemble.ensemble import combine, combine_images, search_image_weights, search_weights
+from mri_ensemble.ensemble import (
+    METHODS,
+    SEGMENTATION_ONLY,
+    ImageObjective,
+    SearchConfig,
+    SearchResult,
+    SegmentationObjective,
+    crossfit,
+    forward_selection,
+    leave_one_out,
+    search,
+)
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
 from mri_ensemble.metrics import CLASS_NAMES, segmentation_scores
@@ -52,89 +68,115 @@ def load_stack(
     return np.stack(stack)
 
 
-def scores_of(
-    probs: np.ndarray, weights: np.ndarray, label: np.ndarray, case: np.ndarray, names: list[str]
-) -> dict:
-    pred = combine(probs, weights).argmax(1).astype(np.uint8)
-    return segmentation_scores(pred, label, case, names)
+def _scores(task: str, fused: np.ndarray, truth: np.ndarray, case: np.ndarray, names) -> dict:
+    if task == "segmentation":
+        return segmentation_scores(fused, truth, case, names)
+    return reconstruction_scores(fused, truth, case)
 
 
-def segmentation_ensemble(
-    p: dict, models: list[str], predictions: Path, data: Path, seed: int
-) -> tuple[dict, dict, dict]:
-    """(ensemble entry, unweighted-mean entry, baselines) for segmentation."""
-    val = read_segmentation_h5(data / "val.h5")
-    test = read_segmentation_h5(data / "test.h5")
-    val_probs = load_stack(predictions, models, "val", val.case)
-    t0 = time.perf_counter()
-    result = search_weights(
-        val_probs,
-        val.label,
-        val.case,
-        method=p.get("method", "random+nelder_mead"),
-        n_random=int(p.get("n_random", 200)),
-        seed=seed,
-    )
-    search_s = time.perf_counter() - t0
-    test_probs = load_stack(predictions, models, "test", test.case)
-    uniform = np.full(len(models), 1 / len(models))
-    names = class_names_of(test)
-    ens = {
-        "method": result.method,
-        "weights": dict(zip(models, map(float, result.weights), strict=True)),
-        "val": scores_of(val_probs, result.weights, val.label, val.case, names),
-        "test": scores_of(test_probs, result.weights, test.label, test.case, names),
+def weights_json(weights: np.ndarray, models: list[str], names: list[str]) -> dict:
+    """{model: w} for shared weights, {model: {class: w}} for per-class weights."""
+    if weights.ndim == 1:
+        return dict(zip(models, map(float, weights), strict=True))
+    return {
+        m: dict(zip(names, map(float, row), strict=True))
+        for m, row in zip(models, weights, strict=True)
     }
-    mean = {
-        "val": scores_of(val_probs, uniform, val.label, val.case, names),
-        "test": scores_of(test_probs, uniform, test.label, test.case, names),
-    }
-    baselines = {}
-    if names == list(CLASS_NAMES):  # the threshold baseline knows cardiac anatomy only
-        threshold = threshold_segmentation(test.image, test.case)
-        baselines["threshold"] = {"test": segmentation_scores(threshold, test.label, test.case)}
-    return {**ens, "_search": (result, search_s)}, mean, baselines
 
 
-def reconstruction_ensemble(
-    p: dict, models: list[str], predictions: Path, data: Path, seed: int
-) -> tuple[dict, dict, dict]:
-    """(ensemble entry, unweighted-mean entry, baselines) for reconstruction."""
-    sets = {split: read_reconstruction_h5(data / f"{split}.h5") for split in ("val", "test")}
-    stacks = {
-        s: load_stack(predictions, models, s, d.case, read_reconstructions) for s, d in sets.items()
-    }
-    val = sets["val"]
-    t0 = time.perf_counter()
-    result = search_image_weights(
-        stacks["val"],
-        val.target,
-        val.case,
-        method=p.get("method", "random+nelder_mead"),
-        n_random=int(p.get("n_random", 200)),
-        seed=seed,
-    )
-    search_s = time.perf_counter() - t0
-    uniform = np.full(len(models), 1 / len(models))
-
-    def scores(weights: np.ndarray) -> dict:
-        return {
-            s: reconstruction_scores(combine_images(stacks[s], weights), d.target, d.case)
+def load_task(task: str, models: list[str], predictions: Path, data: Path) -> dict[str, Any]:
+    """Val and test objectives (outputs, truth, case), class names and baselines of a task."""
+    if task == "segmentation":
+        sets = {s: read_segmentation_h5(data / f"{s}.h5") for s in ("val", "test")}
+        objs = {
+            s: SegmentationObjective(load_stack(predictions, models, s, d.case), d.label, d.case)
             for s, d in sets.items()
         }
-
-    ens = {
-        "method": result.method,
-        "weights": dict(zip(models, map(float, result.weights), strict=True)),
-        **scores(result.weights),
+        names = class_names_of(sets["test"])
+        baselines = {}
+        if names == list(CLASS_NAMES):  # the threshold baseline knows cardiac anatomy only
+            test = sets["test"]
+            threshold = threshold_segmentation(test.image, test.case)
+            baselines["threshold"] = {"test": segmentation_scores(threshold, test.label, test.case)}
+        return {"objs": objs, "names": names, "baselines": baselines}
+    rsets = {s: read_reconstruction_h5(data / f"{s}.h5") for s in ("val", "test")}
+    robjs = {
+        s: ImageObjective(
+            load_stack(predictions, models, s, d.case, read_reconstructions), d.target, d.case
+        )
+        for s, d in rsets.items()
     }
-    baselines = {
+    rbaselines = {
         "zero_filled": {
-            s: reconstruction_scores(zero_filled(d), d.target, d.case) for s, d in sets.items()
+            s: reconstruction_scores(zero_filled(d), d.target, d.case) for s, d in rsets.items()
         },
-        "grappa": {s: reconstruction_scores(d.grappa, d.target, d.case) for s, d in sets.items()},
+        "grappa": {s: reconstruction_scores(d.grappa, d.target, d.case) for s, d in rsets.items()},
     }
-    return {**ens, "_search": (result, search_s)}, scores(uniform), baselines
+    return {"objs": robjs, "names": [], "baselines": rbaselines}
+
+
+def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[str]) -> dict:
+    """One method: weights on all of val, cross-fitted val score, test score."""
+    val, test = t["objs"]["val"], t["objs"]["test"]
+    t0 = time.perf_counter()
+    result = search(val, cfg)
+    seconds = time.perf_counter() - t0
+    fused_cf, _ = crossfit(val, cfg, folds)
+    return {
+        "method": cfg.method,
+        "weights": weights_json(result.weights, models, t["names"]),
+        "val": _scores(task, val.fuse(result), val.target, val.case, t["names"]),
+        "crossfit": _scores(task, fused_cf, val.target, val.case, t["names"]),
+        "test": _scores(task, test.fuse(result), test.target, test.case, t["names"]),
+        "val_search_score": result.score,
+        "candidates_evaluated": result.candidates_evaluated,
+        "search_seconds": round(seconds, 3),
+        "note": result.note,
+        "trace": result.trace,
+        "_result": result,
+    }
+
+
+def sizes_and_leave_one_out(
+    task: str, t: dict, cfg: SearchConfig, models: list[str], params_of: dict[str, int]
+) -> tuple[list[dict], dict[str, dict]]:
+    """Gain versus size in greedy order, and each member's leave-one-out contribution."""
+    key = KEY_METRIC[task]
+    val, test = t["objs"]["val"], t["objs"]["test"]
+
+    def test_score(result: SearchResult, members: list[int]) -> float:
+        fused = test.fuse(result, models=members)
+        return float(_scores(task, fused, test.target, test.case, t["names"])[key])
+
+    sizes = []
+    for order, result in forward_selection(val, cfg):
+        members = sorted(order)  # the weights' order
+        names = [models[i] for i in members]
+        sizes.append(
+            {
+                "size": len(members),
+                "added": models[order[-1]],
+                "members": names,
+                "weights": weights_json(result.weights, names, t["names"]),
+                f"val_{key}": result.score,
+                f"test_{key}": test_score(result, members),
+                "params": int(sum(params_of[n] for n in names)),
+            }
+        )
+    full = sizes[-1]
+    loo = {}
+    for i, result in enumerate(leave_one_out(val, cfg)):
+        if result is None:
+            continue
+        rest = [j for j in range(len(models)) if j != i]
+        without = test_score(result, rest)
+        loo[models[i]] = {
+            f"val_{key}_without": result.score,
+            f"test_{key}_without": without,
+            "val_contribution": full[f"val_{key}"] - result.score,
+            "test_contribution": full[f"test_{key}"] - without,
+        }
+    return sizes, loo
 
 
 @cli
@@ -146,64 +188,168 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     params = load_params()
-    p = get(params, f"ensemble.{args.task}", kind=dict)
     if args.task not in KEY_METRIC:
         raise ConfigError(f"ensemble: unknown task {args.task!r}; known: {list(KEY_METRIC)}")
+    p = get(params, f"ensemble.{args.task}", kind=dict)
     models = task_models(params, args.task)
     if not models:
         raise ConfigError(f"params.yaml: no train entries with task {args.task!r}")
-    run = segmentation_ensemble if args.task == "segmentation" else reconstruction_ensemble
-    ens, mean, baselines = run(p, models, args.predictions, args.data, int(get(params, "seed")))
-    result, search_s = ens.pop("_search")
+    configs, folds = search_configs(p, args.task, int(get(params, "seed")))
     per_model = {}
     for m in models:
-        mj = json.loads((args.predictions / m / "metrics.json").read_text())
+        path = args.predictions / m / "metrics.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run evaluate@{args.task}-{m} first")
+        mj = json.loads(path.read_text())
         per_model[m] = {"val": mj["val"], "test": mj["test"], "params": mj["params"]}
-    metrics = {"models": per_model, "ensemble": ens, "baselines": baselines}
+    t = load_task(args.task, models, args.predictions, args.data)
+    key = KEY_METRIC[args.task]
+
+    methods = {}
+    for cfg in tqdm(configs, desc=f"ensemble methods ({args.task})", disable=None):
+        methods[cfg.method] = run_method(args.task, t, cfg, folds, models)
+        log.info(
+            "%s: val %s %.4f in-sample, %.4f cross-fitted; test %.4f (%d candidates, %.2f s)",
+            cfg.method,
+            key,
+            methods[cfg.method]["val"][key],
+            methods[cfg.method]["crossfit"][key],
+            methods[cfg.method]["test"][key],
+            methods[cfg.method]["candidates_evaluated"],
+            methods[cfg.method]["search_seconds"],
+        )
+    shipped = configs[0]
+    params_of = {m: int(per_model[m]["params"]) for m in models}
+    sizes, loo = sizes_and_leave_one_out(args.task, t, shipped, models, params_of)
+    results = {name: entry.pop("_result") for name, entry in methods.items()}
+
+    def summary(entry: dict) -> dict:
+        return {k: entry[k] for k in ("method", "weights", "val", "crossfit", "test")}
+
+    ens = summary(methods[shipped.method])
+    metrics = {
+        "models": per_model,
+        "ensemble": ens,
+        "methods": {
+            name: {split: _key_scores(e[split], args.task) for split in ("val", "crossfit", "test")}
+            for name, e in methods.items()
+        },
+        "baselines": t["baselines"],
+    }
     details = {
         **ens,
-        "val_search_score": result.score,
-        "candidates_evaluated": result.candidates_evaluated,
-        "search_seconds": round(search_s, 3),
-        "trace": result.trace,
-        "unweighted_mean": mean,
+        "crossfit_folds": folds,
+        "val_search_score": methods[shipped.method]["val_search_score"],
+        "candidates_evaluated": methods[shipped.method]["candidates_evaluated"],
+        "search_seconds": methods[shipped.method]["search_seconds"],
+        "trace": methods[shipped.method]["trace"],
+        "unweighted_mean": {s: methods["mean"][s] for s in ("val", "test")}
+        if "mean" in methods
+        else None,
+        "methods": methods,
+        "sizes": sizes,
+        "leave_one_out": loo,
     }
     write_json(args.out / "ensemble.json", details)
     write_json(args.out / "metrics.json", metrics)
+    log_methods(params, args.task, models, methods, results, shipped.method)
 
-    tags = {"task": args.task, "model": "ensemble", "kind": "ensemble"}
-    with mlflow_run(params, f"ensemble-{result.method}", tags):
-        import mlflow
-
-        mlflow.log_params(
-            {
-                "method": result.method,
-                "members": ",".join(models),
-                **{f"weight.{k}": v for k, v in ens["weights"].items()},
-            }
-        )
-        mlflow.log_metrics(
-            {
-                f"{split}_{k}".replace(".", "_"): v
-                for split in ("val", "test")
-                for k, v in flatten(ens[split]).items()
-                if isinstance(v, float) and np.isfinite(v)
-            }
-        )
-        mlflow.log_artifact(str(args.out / "ensemble.json"))
-    key = KEY_METRIC[args.task]
     best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
     log.info(
-        "ensemble %s weights %s: val %s %.4f (best single %s %.4f), test %.4f (best single %.4f)",
-        result.method,
-        {k: round(v, 3) for k, v in ens["weights"].items()},
+        "shipped ensemble %s: val %s %.4f (best single %s %.4f), cross-fitted %.4f, test %.4f "
+        "(best single %.4f)",
+        shipped.method,
         key,
         ens["val"][key],
         best_single,
         per_model[best_single]["val"][key],
+        ens["crossfit"][key],
         ens["test"][key],
         per_model[best_single]["test"][key],
     )
+
+
+def _key_scores(scores: dict, task: str) -> dict:
+    keep = ("iou", "dice") if task == "segmentation" else ("ssim", "psnr", "nmse")
+    return {k: scores[k] for k in keep if k in scores}
+
+
+def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], int]:
+    """The shipped method first, then the compared ones (params ``ensemble.<task>``)."""
+    known = {"method", "compare", "n_random", "rounds", "penalty", "crossfit_folds"}
+    unknown = sorted(set(p) - known)
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: ensemble.{task} has unknown keys {unknown}; known: {sorted(known)}"
+        )
+    compare = p.get("compare", [])
+    if not isinstance(compare, list):
+        raise ConfigError(
+            f"params.yaml: ensemble.{task}.compare should be a list, found {compare!r}"
+        )
+    names = list(dict.fromkeys([p.get("method", "random+nelder_mead"), *compare]))
+    allowed = [m for m in METHODS if task == "segmentation" or m not in SEGMENTATION_ONLY]
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(
+                f"params.yaml: ensemble.{task}: unknown method {name!r}; known: {', '.join(allowed)}"
+            )
+    folds = p.get("crossfit_folds", 3)
+    if not isinstance(folds, int) or folds < 2:
+        raise ConfigError(
+            f"params.yaml: ensemble.{task}.crossfit_folds should be an int >= 2, found {folds!r}"
+        )
+    configs = [
+        SearchConfig(
+            name,
+            n_random=int(p.get("n_random", 200)),
+            seed=seed,
+            rounds=int(p.get("rounds", 25)),
+            penalty=float(p.get("penalty", 0.01)),
+        )
+        for name in names
+    ]
+    return configs, folds
+
+
+def log_methods(
+    params: dict,
+    task: str,
+    models: list[str],
+    methods: dict[str, dict],
+    results: dict[str, SearchResult],
+    shipped: str,
+) -> None:
+    """One MLflow run per method (children of the pipeline's parent run), same metric names."""
+    import mlflow
+
+    for name, entry in methods.items():
+        tags = {
+            "task": task,
+            "model": "ensemble",
+            "kind": "ensemble",
+            "method": name,
+            "shipped": str(name == shipped).lower(),
+        }
+        with mlflow_run(params, f"ensemble-{name}", tags):
+            flat_w = flatten({"weight": entry["weights"]})
+            mlflow.log_params(
+                {
+                    "method": name,
+                    "members": ",".join(models),
+                    "candidates_evaluated": results[name].candidates_evaluated,
+                    **flat_w,
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    f"{split}_{k}".replace(".", "_"): v
+                    for split in ("val", "crossfit", "test")
+                    for k, v in flatten(entry[split]).items()
+                    if isinstance(v, float) and np.isfinite(v)
+                }
+                | {"search_seconds": entry["search_seconds"]}
+            )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from mri_ensemble.figures import (
     plot_gain_cost,
     plot_loss_curves,
     plot_metric_bars,
+    plot_pareto,
     plot_reconstructions,
     plot_segmentation_overlays,
 )
@@ -33,7 +34,7 @@ from mri_ensemble.io import atomic_path
 from mri_ensemble.reconstruction import zero_filled
 from mri_ensemble.segmentation import class_names_of
 
-from .common import cli, get, load_params, log, task_models
+from .common import cli, get, load_params, log, task_models, weights_array
 
 REPRODUCE = "make run   # or: dvc repro"
 
@@ -52,6 +53,113 @@ def overlay_slices(label: np.ndarray, k: int) -> np.ndarray:
     fg = (label > 0).reshape(len(label), -1).sum(1)
     ranked = np.argsort(-fg, kind="stable")[: max(k * 4, k)]
     return np.sort(ranked[np.linspace(0, len(ranked) - 1, k).astype(int)])
+
+
+def weight_of(w: Any) -> float:
+    """A member's weight; for per-class weights ({class: w}) its largest."""
+    return max(w.values()) if isinstance(w, dict) else float(w)
+
+
+def fmt_weights(weights: dict) -> str:
+    return ", ".join(
+        f"{m} " + ("/".join(f"{x:.2f}" for x in w.values()) if isinstance(w, dict) else f"{w:.2f}")
+        for m, w in weights.items()
+    )
+
+
+def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]:
+    """Methods compared (in-sample, cross-fitted, test), gain versus size with measured cost
+    and a recommendation, leave-one-out contributions, and the Pareto figure."""
+    details = json.loads((rep / "ensemble.json").read_text())
+    label = {"iou": "IoU", "ssim": "SSIM"}.get(key, key)
+    lines = [
+        "### Ensemble methods",
+        "",
+        f"Weights chosen on all of val (in-sample val {label}), cross-fitted on "
+        f"{details['crossfit_folds']} val folds of whole cases (each fold scored with weights "
+        f"searched on the others: the honest val estimate), then applied to test. Shipped: "
+        f"**{details['method']}**.",
+        "",
+        f"| method | val {label} (in-sample) | val {label} (cross-fitted) | optimism | "
+        f"test {label} | candidates | search s | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, m in details["methods"].items():
+        opt = m["val"][key] - m["crossfit"][key]
+        lines.append(
+            f"| {name} | {fmt(m['val'][key])} | {fmt(m['crossfit'][key])} | {opt:+.4f} | "
+            f"{fmt(m['test'][key])} | {m['candidates_evaluated']} | {m['search_seconds']:.2f} | "
+            f"{m.get('note', '')} |"
+        )
+    cost_file = rep / "cost.json"
+    cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
+    lines += [
+        "",
+        "### Gain versus cost by ensemble size",
+        "",
+        f"Members added in greedy order (each step adds the model whose addition scores best on "
+        f"val, weights re-searched with {details['method']}).",
+    ]
+    if cost is None:
+        lines += ["", f"(no `{cost_file}`: run `dvc repro cost@{task}` for latency and memory)"]
+        rows = [
+            {
+                **s,
+                "latency_s": np.nan,
+                "members_latency_sum_s": np.nan,
+                "batching_ratio": np.nan,
+                "peak_memory_mb": np.nan,
+            }
+            for s in details["sizes"]
+        ]
+    else:
+        rows = cost["sizes"]
+        lines[-1] += (
+            f" Latency: median of {cost['repeats']} calls on a batch of {cost['batch']} test "
+            f"slices on {cost['device']} ({cost['threads']} threads), every member run over the "
+            "same batch; 'alone' is the sum of the members timed alone, interleaved in the same "
+            "run. Peak memory: growth of a fresh process's peak RSS from loading the members "
+            "through one batch."
+        )
+    lines += [
+        "",
+        f"| size | added | params | val {label} | test {label} | ms / slice | members alone "
+        "ms | ratio | peak MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['added']} | {r['params']:,} | {fmt(r[f'val_{key}'])} | "
+            f"{fmt(r[f'test_{key}'])} | {1e3 * r['latency_s']:.1f} | "
+            f"{1e3 * r['members_latency_sum_s']:.1f} | {r['batching_ratio']:.2f} | "
+            f"{r['peak_memory_mb']:.0f} |"
+        )
+    if cost is not None:
+        lines += ["", f"**Recommendation:** {cost['recommendation']}"]
+        plot_pareto(
+            [(f"{r['size']}", 1e3 * r["latency_s"], r[f"test_{key}"]) for r in rows],
+            figures / f"{task}_pareto.png",
+            "latency per slice (ms)",
+            f"test {label}",
+        )
+        lines += ["", f"![Pareto](figures/{task}_pareto.png)"]
+    lines += [
+        "",
+        "### Leave-one-out contribution",
+        "",
+        "The shipped search re-run without each member; contribution = full ensemble minus "
+        "ensemble without it (negative: the search did better without it).",
+        "",
+        f"| member | val {label} without | test {label} without | val contribution | "
+        "test contribution |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m, r in details["leave_one_out"].items():
+        lines.append(
+            f"| {m} | {fmt(r[f'val_{key}_without'])} | {fmt(r[f'test_{key}_without'])} | "
+            f"{r['val_contribution']:+.4f} | {r['test_contribution']:+.4f} |"
+        )
+    return [*lines, ""]
 
 
 def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
@@ -89,9 +197,9 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
         lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
     total = sum(metrics["models"][m]["params"] for m in models)
     # cost counts the members the search kept (weight >= 1 %): the others can be dropped
-    members = [m for m in models if ens["weights"][m] >= 0.01]
+    members = [m for m in models if weight_of(ens["weights"][m]) >= 0.01]
     kept = sum(metrics["models"][m]["params"] for m in members)
-    w = ", ".join(f"{k} {v:.2f}" for k, v in ens["weights"].items())
+    w = fmt_weights(ens["weights"])
     lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
     lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
     if base is not None:
@@ -132,13 +240,14 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
         [read_probabilities(args.predictions / task / m / "test.h5")[0][idx] for m in models]
     )  # (M, K, C, H, W)
     preds = {m: probs[i].argmax(1) for i, m in enumerate(models)}
-    weights = np.array([ens["weights"][m] for m in models])
+    weights = weights_array(ens["weights"], models)
     preds["ensemble"] = combine(probs, weights).argmax(1)
     if base is not None:
         preds["threshold"] = threshold_segmentation(test.image, test.case)[idx]
     plot_segmentation_overlays(
         test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", names
     )
+    lines += ensemble_science(task, "iou", rep, figures)
     for name, title in (
         ("loss_curves", "Loss curves"),
         ("per_class_dice", "Per-class test Dice"),
@@ -183,10 +292,10 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     for m in models:
         mm = metrics["models"][m]
         lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
-    members = [m for m in models if ens["weights"][m] >= 0.01]
+    members = [m for m in models if weight_of(ens["weights"][m]) >= 0.01]
     kept = sum(metrics["models"][m]["params"] for m in members)
     total = sum(metrics["models"][m]["params"] for m in models)
-    w = ", ".join(f"{k} {v:.2f}" for k, v in ens["weights"].items())
+    w = fmt_weights(ens["weights"])
     lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
     lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
     lines.append(row("GRAPPA baseline", "0", base["grappa"]["val"], base["grappa"]["test"]))
@@ -220,11 +329,12 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     recons = np.stack(
         [read_reconstructions(args.predictions / task / m / "test.h5")[0][idx] for m in models]
     )  # (M, K, H, W)
-    weights = np.array([ens["weights"][m] for m in models])
+    weights = weights_array(ens["weights"], models)
     images = {"zero-filled": zero_filled(test.subset(idx)), "GRAPPA": test.grappa[idx]}
     images.update({m: recons[i] for i, m in enumerate(models)})
     images["ensemble"] = combine_images(recons, weights)
     plot_reconstructions(test.target[idx], images, figures / f"{task}_examples.png")
+    lines += ensemble_science(task, "ssim", rep, figures)
     for name, title in (
         ("loss_curves", "Loss curves"),
         ("examples", "Test reconstructions and error maps"),
