@@ -121,12 +121,17 @@ def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[s
     t0 = time.perf_counter()
     result = search(val, cfg)
     seconds = time.perf_counter() - t0
-    fused_cf, _ = crossfit(val, cfg, folds)
+    try:
+        fused_cf, _ = crossfit(val, cfg, folds)
+        crossfitted = _scores(task, fused_cf, val.target, val.case, t["names"])
+    except DataError as exc:  # e.g. a val set of one patient: nothing to hold out
+        log.warning("%s: no cross-fitting (%s)", cfg.method, exc)
+        crossfitted = {}
     return {
         "method": cfg.method,
         "weights": weights_json(result.weights, models, t["names"]),
         "val": _scores(task, val.fuse(result), val.target, val.case, t["names"]),
-        "crossfit": _scores(task, fused_cf, val.target, val.case, t["names"]),
+        "crossfit": crossfitted,
         "test": _scores(task, test.fuse(result), test.target, test.case, t["names"]),
         "val_search_score": result.score,
         "candidates_evaluated": result.candidates_evaluated,
@@ -213,7 +218,7 @@ def main() -> None:
             cfg.method,
             key,
             methods[cfg.method]["val"][key],
-            methods[cfg.method]["crossfit"][key],
+            methods[cfg.method]["crossfit"].get(key, float("nan")),
             methods[cfg.method]["test"][key],
             methods[cfg.method]["candidates_evaluated"],
             methods[cfg.method]["search_seconds"],
@@ -263,7 +268,7 @@ def main() -> None:
         ens["val"][key],
         best_single,
         per_model[best_single]["val"][key],
-        ens["crossfit"][key],
+        ens["crossfit"].get(key, float("nan")),
         ens["test"][key],
         per_model[best_single]["test"][key],
     )

@@ -85,9 +85,10 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in details["methods"].items():
-        opt = m["val"][key] - m["crossfit"][key]
+        cf = m["crossfit"].get(key)
+        opt = f"{m['val'][key] - cf:+.4f}" if cf is not None else "—"
         lines.append(
-            f"| {name} | {fmt(m['val'][key])} | {fmt(m['crossfit'][key])} | {opt:+.4f} | "
+            f"| {name} | {fmt(m['val'][key])} | {fmt(cf)} | {opt} | "
             f"{fmt(m['test'][key])} | {m['candidates_evaluated']} | {m['search_seconds']:.2f} | "
             f"{m.get('note', '')} |"
         )
