@@ -1,0 +1,175 @@
+"""The shipped ensemble in the MLflow model registry: one registered model per task.
+
+:func:`register_ensemble` bundles what loading needs (the members' ``best.pt``, the task's
+``ensemble.json`` and ``params.yaml`` for preprocessing) as the artifacts of an MLflow
+``pyfunc`` model whose code is this package, registers it as ``mri-ensemble-<task>`` and
+points the alias ``champion`` at the version with the best val score (ties: the newer).
+A bundle identical to the latest version (same fingerprint of weights and checkpoints) is
+not registered again, so rerunning an unchanged pipeline adds no versions.
+
+Loading, anywhere with this package's dependencies installed::
+
+    model = mlflow.pyfunc.load_model("models:/mri-ensemble-segmentation@champion")
+    labels = model.predict(images)      # (N, H, W) float32 slices on the network grid
+    recon = mlflow.pyfunc.load_model("models:/mri-ensemble-reconstruction@champion")
+    images = recon.predict("file_brain.h5")   # a fastMRI HDF5 path -> (S, H, W)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+ALIAS = "champion"
+KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}
+REQUIREMENTS = [  # what loading needs (the package's own pins, see pyproject.toml)
+    "torch==2.13.0",
+    "monai==1.6.1",
+    "numpy>=1.26,<3",
+    "scipy>=1.11",
+    "h5py>=3.10",
+    "nibabel>=5.2",
+    "scikit-image>=0.22",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "pygrappa==0.26.3",
+]
+
+
+def registered_name(task: str) -> str:
+    return f"mri-ensemble-{task}"
+
+
+try:  # the class is only needed where mlflow is installed (always, in this project)
+    import mlflow.pyfunc
+
+    class EnsembleModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
+        """pyfunc wrapper: the task's ensemble, loaded with :mod:`mri_ensemble.predict`."""
+
+        def load_context(self, context: Any) -> None:
+            from .predict import load_predictor
+
+            root = Path(context.artifacts["project"])
+            self.task = json.loads((root / "task.json").read_text())["task"]
+            self.predictor = load_predictor(root, self.task, "ensemble", device="auto")
+
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            from .predict import predict_labels, reconstruct_file
+
+            if self.task == "segmentation":
+                images = np.asarray(model_input, dtype=np.float32)
+                if images.ndim == 2:
+                    images = images[None]
+                return predict_labels(self.predictor, images)
+            path = model_input[0] if isinstance(model_input, list | tuple) else model_input
+            return reconstruct_file(self.predictor, Path(str(path))).reconstruction
+
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bundle(root: Path, task: str, dest: Path) -> tuple[dict[str, Any], str]:
+    """Copy what loading needs into ``dest``; returns (ensemble.json, fingerprint)."""
+    ens_file = root / "reports" / task / "ensemble.json"
+    if not ens_file.is_file():
+        raise DataError(f"{ens_file}: missing; run the ensemble stage first")
+    ens = json.loads(ens_file.read_text())
+    h = hashlib.sha256(json.dumps(ens["weights"], sort_keys=True).encode())
+    for m in sorted(ens["weights"]):
+        ckpt = root / "models" / task / m / "best.pt"
+        if not ckpt.is_file():
+            raise DataError(f"{ckpt}: checkpoint of ensemble member {m} missing")
+        (dest / "models" / task / m).mkdir(parents=True)
+        shutil.copy2(ckpt, dest / "models" / task / m / "best.pt")
+        h.update(_sha256(ckpt).encode())
+    (dest / "reports" / task).mkdir(parents=True)
+    slim = {k: ens[k] for k in ("method", "weights", "val", "test", "crossfit") if k in ens}
+    (dest / "reports" / task / "ensemble.json").write_text(json.dumps(slim, indent=1))
+    shutil.copy2(root / "params.yaml", dest / "params.yaml")
+    (dest / "task.json").write_text(json.dumps({"task": task}))
+    return ens, h.hexdigest()[:16]
+
+
+def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
+    """Register ``task``'s shipped ensemble from project ``root`` in the tracking URI that
+    MLflow is set to (an active run, if any, owns the logged model).
+
+    Returns (version, registered_now): an unchanged bundle returns the latest version.
+    The alias ``champion`` moves to the new version when its val score is at least the
+    current champion's.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = registered_name(task)
+    key = KEY_METRIC[task]
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "project"
+        bundle.mkdir()
+        ens, fp = _bundle(Path(root), task, bundle)
+        existing = client.search_model_versions(f"name = '{name}'")
+        for mv in existing:
+            if mv.tags.get("fingerprint") == fp:
+                log.info("registry: %s version %s already holds this ensemble", name, mv.version)
+                return int(mv.version), False
+        info = mlflow.pyfunc.log_model(
+            name="ensemble",
+            python_model=EnsembleModel(),
+            artifacts={"project": str(bundle)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=REQUIREMENTS,
+            registered_model_name=name,
+        )
+    version = int(info.registered_model_version)
+    val = float(ens["val"][key])
+    tags = {
+        "fingerprint": fp,
+        "task": task,
+        "method": str(ens.get("method")),
+        "members": ",".join(ens["weights"]),
+        f"val_{key}": f"{val:.6f}",
+        f"test_{key}": f"{float(ens['test'][key]):.6f}",
+    }
+    if ens.get("crossfit", {}).get(key) is not None:
+        tags[f"crossfit_{key}"] = f"{float(ens['crossfit'][key]):.6f}"
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+    client.update_model_version(
+        name, str(version), description=f"{task} ensemble ({tags['method']}): {tags['members']}"
+    )
+    try:
+        champion = client.get_model_version_by_alias(name, ALIAS)
+        best = float(champion.tags.get(f"val_{key}", "-inf"))
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        best = -np.inf
+    if val >= best:
+        client.set_registered_model_alias(name, ALIAS, str(version))
+    log.info(
+        "registry: %s version %d (val %s %.4f)%s",
+        name,
+        version,
+        key,
+        val,
+        f", alias {ALIAS}" if val >= best else "",
+    )
+    return version, True

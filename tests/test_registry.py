@@ -1,0 +1,56 @@
+"""The MLflow model registry entry of an ensemble: registered once per content, loadable,
+with the ``champion`` alias on the best val score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from tiny_project import make_project
+
+from mri_ensemble.predict import load_predictor, predict_labels
+from mri_ensemble.registry import ALIAS, register_ensemble, registered_name
+
+
+def _scores(root: Path, val: float, weights: dict | None = None) -> None:
+    path = root / "reports" / "segmentation" / "ensemble.json"
+    ens = json.loads(path.read_text())
+    ens.update(val={"iou": val}, test={"iou": val - 0.01}, crossfit={"iou": val - 0.005})
+    if weights:
+        ens["weights"] = weights
+    path.write_text(json.dumps(ens))
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # artifacts go to ./mlruns of the store's folder
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("registry-test")
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
+
+
+def test_register_load_and_champion_alias(tmp_path: Path, store) -> None:
+    root = make_project(tmp_path / "project")
+    _scores(root, 0.80)
+    name = registered_name("segmentation")
+    assert register_ensemble(root, "segmentation") == (1, True)
+    assert register_ensemble(root, "segmentation") == (1, False)  # same content: no new version
+    v1 = store.get_model_version(name, "1")
+    assert v1.tags["val_iou"] == "0.800000" and v1.tags["members"] == "unet,small"
+    assert str(store.get_model_version_by_alias(name, ALIAS).version) == "1"
+
+    _scores(root, 0.70, {"unet": 0.9, "small": 0.1})  # worse on val: registered, not champion
+    assert register_ensemble(root, "segmentation") == (2, True)
+    assert str(store.get_model_version_by_alias(name, ALIAS).version) == "1"
+    _scores(root, 0.90, {"unet": 0.5, "small": 0.5})  # better: the alias moves
+    assert register_ensemble(root, "segmentation") == (3, True)
+    assert str(store.get_model_version_by_alias(name, ALIAS).version) == "3"
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}")
+    images = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    expected = predict_labels(load_predictor(root, "segmentation", "ensemble", "cpu"), images)
+    np.testing.assert_array_equal(model.predict(images), expected)
