@@ -11,7 +11,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv run repro test lint mlflow-ui prefect-ui clean
+.PHONY: venv run repro test lint mlflow-ui prefect-ui serve ui bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,18 @@ mlflow-ui: venv
 
 prefect-ui: venv
 	prefect server start
+
+# Prefect deployments (needs a server: make prefect-ui, and PREFECT_API_URL set)
+serve: venv
+	python -m flows.deploy
+
+# the browser UI over the trained models (http://127.0.0.1:7860)
+ui: venv
+	mri-ensemble ui
+
+# ensemble weight search speed: batched versus a naive loop (needs a finished make run)
+bench: venv
+	python bench/ensemble_search.py
 
 clean:
 	rm -rf .resume data/prepared data/augmented data/predictions models

@@ -1,6 +1,7 @@
 """Prefect flow that schedules the DVC stages of the pipeline.
 
-ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> report.
+ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> cost -> report,
+then the shipped ensemble of each task is registered in the MLflow model registry.
 Every step is ``dvc --wait-for-lock repro -s <stage>``: DVC decides what is stale, so a
 second run with nothing changed is a no-op, and ``models=[...]`` reruns only those
 models (``force=True`` retrains them even when nothing changed) and what depends on them.
@@ -10,6 +11,17 @@ processes through ``MRI_ENSEMBLE_PARENT_RUN_ID``.
 
     python -m flows.pipeline                      # everything that is stale
     python -m flows.pipeline --models unet --force
+
+Two flows: ``pipeline`` (the whole DAG) and ``train_model`` (one model, retrained, then
+its evaluate, its task's ensemble and cost, and the report); ``python -m flows.deploy``
+serves both as Prefect deployments.
+
+Retries: a stage that fails is rerun (DVC skips what already finished; a killed training
+resumes from its last epoch) unless the stage itself rejected its params or data (exit
+status 2), which a retry cannot fix. Waiting for DVC's repository lock is DVC's own
+``--wait-for-lock``; the Prefect client retries its API calls itself
+(``PREFECT_CLIENT_MAX_RETRIES``). A model whose branch fails marks its task failed; the
+other branches run to the end and keep their outputs, and the flow run fails naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.states import State
 
 from stages.common import PARENT_RUN_ENV
 
@@ -35,10 +48,26 @@ LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (INFO|WARNING|ERROR) ")  # stages' l
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A DVC stage exited non-zero."""
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, task_run_name="{stage}")
+class StageRejected(StageFailed):
+    """The stage rejected its params or data (exit status 2): a retry cannot help."""
+
+
+def _worth_retrying(task: object, task_run: object, state: State) -> bool:
+    """Retry condition: anything but a rejected stage (lock, database or API hiccups)."""
+    # the message names the exception: "... StageRejected: ..." or "StageRejected(...)"
+    return StageRejected.__name__ not in (state.message or "")
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_worth_retrying,
+    task_run_name="{stage}",
+)
 def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
     """Run one DVC stage; raises on a non-zero exit so Prefect marks it failed (and retries)."""
     logger = get_run_logger()
@@ -63,18 +92,32 @@ def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
             if LOG_LINE.match(line) or line.startswith(("error:", "Running stage")):
                 logger.info(line)
     if proc.returncode != 0:
-        raise StageFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n" + "\n".join(tail))
+        # DVC exits 255 whatever the stage did; its last line gives the stage's own status
+        rejected = any(line.endswith("exited with 2") for line in tail)
+        error = StageRejected if rejected else StageFailed
+        raise error(f"{' '.join(cmd)} exited {proc.returncode}:\n" + "\n".join(tail))
     logger.info(
         "%s %s in %.1f s", stage, "up to date" if skipped else "ran", time.perf_counter() - t0
     )
     return stage
 
 
+@task(cache_policy=NO_CACHE, task_run_name="ingest+augment {name}")
+def prepare(name: str, env: dict[str, str]) -> str:
+    """ingest@<task> then augment@<task> (one task's data; the tasks prepare in parallel)."""
+    dvc_stage(f"ingest@{name}", env)
+    return dvc_stage(f"augment@{name}", env)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name}")
 def train_and_evaluate(name: str, env: dict[str, str], force: bool = False) -> str:
-    """train@<name> then evaluate@<name> in one task (one model's branch of the DAG)."""
-    dvc_stage.fn(f"train@{name}", env, force)
-    return dvc_stage.fn(f"evaluate@{name}", env)
+    """train@<name> then evaluate@<name> in one task (one model's branch of the DAG).
+
+    Both are nested task runs, each with dvc_stage's retries: a failed evaluate is retried
+    alone, without retraining.
+    """
+    dvc_stage(f"train@{name}", env, force)
+    return dvc_stage(f"evaluate@{name}", env)
 
 
 def select_models(params: dict, models: list[str] | None) -> list[str]:
@@ -107,6 +150,21 @@ def pipeline(models: list[str] | None = None, force: bool = False, parallel: int
     threads (at least one): on 2 cores, three 1-thread trainings beat three 2-thread
     ones in turn, since a small network uses one thread more efficiently than two.
     """
+    return run_dag(models, force, parallel)
+
+
+@flow(name="mri-ensemble-train-model", log_prints=True)
+def train_model(model: str, force: bool = True) -> dict:
+    """Retrain one model, then its evaluate, its task's ensemble and cost, and the report.
+
+    ``model`` is a model name (every task's model of that name) or a ``<task>-<model>``
+    key, as ``--models``; ``force=False`` retrains only if its params or data changed.
+    """
+    return run_dag([model], force)
+
+
+def run_dag(models: list[str] | None, force: bool = False, parallel: int = 0) -> dict:
+    """What both flows run (inside a flow run): see ``pipeline``."""
     logger = get_run_logger()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     chosen = select_models(params, models)
@@ -118,23 +176,29 @@ def pipeline(models: list[str] | None = None, force: bool = False, parallel: int
     t0 = time.perf_counter()
     status = "FAILED"
     try:
-        for t in tasks:
-            dvc_stage(f"ingest@{t}", env)
-            dvc_stage(f"augment@{t}", env)
+        _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
         # one branch per model; `parallel` at a time, each with its share of the cores
         futures = []
         for i, name in enumerate(chosen):
             if i >= parallel:
                 wait([futures[i - parallel]])  # a sliding window of `parallel` branches
             futures.append(train_and_evaluate.submit(name, env, force))
-        failed = [n for n, f in zip(chosen, futures, strict=True) if not _ok(f)]
-        if failed:
-            raise StageFailed(f"training failed for {failed}; the other models' results are kept")
+        _raise_failures(
+            "train/evaluate",
+            dict(zip(chosen, futures, strict=True)),
+            "; the other models' results are kept",
+        )
+        # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
+        after = {PARENT_RUN_ENV: parent}
         for t in tasks:
-            dvc_stage(f"ensemble@{t}", env)
-        dvc_stage("report", env)
+            dvc_stage(f"ensemble@{t}", after)
+            if t in params.get("cost", {}):  # dvc.yaml: cost foreach ${cost}
+                dvc_stage(f"cost@{t}", after)
+        dvc_stage("report", after)
         mlflow.log_artifact(str(ROOT / "reports" / "report.md"))
         mlflow.log_artifacts(str(ROOT / "reports" / "figures"), artifact_path="figures")
+        for t in tasks:
+            register(t)
         status = "FINISHED"
     finally:
         mlflow.end_run(status=status)
@@ -143,12 +207,37 @@ def pipeline(models: list[str] | None = None, force: bool = False, parallel: int
     return {"models": chosen, "seconds": seconds, "mlflow_parent_run": parent}
 
 
-def _ok(future: object) -> bool:
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="register {t}")
+def register(t: str) -> int:
+    """The task's shipped ensemble in the MLflow model registry (``mri-ensemble-<task>``,
+    alias ``champion`` on the best val score); an unchanged ensemble adds no version.
+    Retried: the sqlite store can be briefly locked by a stage still closing its run."""
+    from mri_ensemble.registry import register_ensemble
+
+    version, new = register_ensemble(ROOT, t)
+    get_run_logger().info(
+        "registry: mri-ensemble-%s version %d%s", t, version, "" if new else " (unchanged)"
+    )
+    return version
+
+
+def _raise_failures(what: str, futures: dict[str, object], note: str = "") -> None:
+    """Wait for every branch; StageFailed naming those that failed, each with its reason."""
+    why = {n: _failure(f) for n, f in futures.items()}
+    failed = {n: w for n, w in why.items() if w is not None}
+    if failed:
+        reasons = "; ".join(f"{n}: {w}" for n, w in failed.items())
+        raise StageFailed(f"{what} failed for {list(failed)} ({reasons}){note}")
+
+
+def _failure(future: object) -> str | None:
+    """None if the branch succeeded, else its reason in one line (the stage's own error)."""
     try:
         future.result()  # type: ignore[attr-defined]
-        return True
-    except Exception:  # the task's own failure, already logged by Prefect
-        return False
+        return None
+    except Exception as exc:  # the task's own failure, already logged by Prefect
+        lines = str(exc).splitlines() or [repr(exc)]
+        return next((line for line in lines if line.startswith("error:")), lines[-1])
 
 
 def main() -> None:

@@ -169,22 +169,23 @@ def recommend(sizes: Sequence[dict[str, Any]], key: str, share: float = 0.95) ->
     ensemble's val gain over the best single model, and what it costs. Chosen on val;
     the test scores are quoted beside."""
     first, full = sizes[0], sizes[-1]
+    label = {"iou": "IoU", "ssim": "SSIM"}.get(key, key)
     gain = full[f"val_{key}"] - first[f"val_{key}"]
     if not gain > 0:
         return (
             f"The ensemble gains nothing on val over the best single model "
-            f"({first['members'][0]}, test {key} {first[f'test_{key}']:.4f}): ship that model."
+            f"({first['members'][0]}, test {label} {first[f'test_{key}']:.4f}): ship that model."
         )
     pick = next(s for s in sizes if s[f"val_{key}"] - first[f"val_{key}"] >= share * gain)
     got = (pick[f"val_{key}"] - first[f"val_{key}"]) / gain
     k = pick["size"]
     return (
         f"{k} model{'s' if k > 1 else ''} ({', '.join(pick['members'])}) give "
-        f"{100 * got:.0f} % of the full {full['size']}-model ensemble's val {key} gain "
+        f"{100 * got:.0f} % of the full {full['size']}-model ensemble's val {label} gain "
         f"(+{pick[f'val_{key}'] - first[f'val_{key}']:.4f} of +{gain:.4f} over "
         f"{first['members'][0]}) at {100 * pick['latency_s'] / full['latency_s']:.0f} % of its "
         f"latency and {100 * pick['params'] / full['params']:.0f} % of its parameters; "
-        f"test {key} {pick[f'test_{key}']:.4f} vs {full[f'test_{key}']:.4f} (full) and "
+        f"test {label} {pick[f'test_{key}']:.4f} vs {full[f'test_{key}']:.4f} (full) and "
         f"{first[f'test_{key}']:.4f} (best single)."
     )
 

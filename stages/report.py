@@ -136,7 +136,14 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
             f"{r['peak_memory_mb']:.0f} |"
         )
     if cost is not None:
-        lines += ["", f"**Recommendation:** {cost['recommendation']}"]
+        ratios = [r["batching_ratio"] for r in rows]
+        lines += [
+            "",
+            f"Every member over one batch: the ensemble's latency is {min(ratios):.2f}–"
+            f"{max(ratios):.2f}x the sum of its members' timed alone (target <= 1.1x).",
+            "",
+            f"**Recommendation:** {cost['recommendation']}",
+        ]
         plot_pareto(
             [(f"{r['size']}", 1e3 * r["latency_s"], r[f"test_{key}"]) for r in rows],
             figures / f"{task}_pareto.png",

@@ -53,6 +53,7 @@ def tiny_params() -> dict:
         entry["optim"].update(epochs=2, batch_size=8)
     p["ensemble"]["segmentation"]["n_random"] = 8
     p["ensemble"]["reconstruction"]["n_random"] = 8
+    p["cost"] = {t: {"batch": 2, "repeats": 1} for t in ("segmentation", "reconstruction")}
     p["report"]["overlay_slices"] = 2
     return p
 
@@ -123,6 +124,58 @@ def test_flow_writes_every_output(project: Path):
     assert {"epoch", "train_loss", "val_loss", "val_iou"} <= set(header)
 
 
+@pytest.mark.parametrize("task, key", [("segmentation", "iou"), ("reconstruction", "ssim")])
+def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: str):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    p = params["ensemble"][task]
+    metrics = json.loads((project / f"reports/{task}/metrics.json").read_text())
+    assert set(metrics["methods"]) == {p["method"], *p["compare"]}
+    for scores in metrics["methods"].values():
+        assert {"val", "crossfit", "test"} <= set(scores)
+    details = json.loads((project / f"reports/{task}/ensemble.json").read_text())
+    sizes = details["sizes"]
+    assert [s["size"] for s in sizes] == list(range(1, len(metrics["models"]) + 1))
+    assert sizes[-1][f"val_{key}"] == pytest.approx(details["val_search_score"])
+    assert set(details["leave_one_out"]) == set(metrics["models"])
+    cost = json.loads((project / f"reports/{task}/cost.json").read_text())
+    assert [s["size"] for s in cost["sizes"]] == [s["size"] for s in sizes]
+    for row in cost["sizes"]:
+        assert row["latency_s"] > 0 and row["members_latency_sum_s"] > 0
+        assert row["peak_memory_mb"] >= 0
+    assert cost["recommendation"]
+    report = (project / "reports/report.md").read_text()
+    assert cost["recommendation"] in report and f"figures/{task}_pareto.png" in report
+    png = project / f"reports/figures/{task}_pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flow_registers_each_task_ensemble(project: Path):
+    """The registry holds one entry per task with the champion alias, loadable as pyfunc."""
+    import mlflow
+    import numpy as np
+
+    from mri_ensemble.data.prepared import read_segmentation_h5
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        for task in ("segmentation", "reconstruction"):
+            version = client.get_model_version_by_alias(f"mri-ensemble-{task}", "champion")
+            ens = json.loads((project / f"reports/{task}/ensemble.json").read_text())
+            assert version.tags["members"] == ",".join(ens["weights"])
+        cwd = os.getcwd()
+        os.chdir(project)  # the store's artifact root is relative: ./mlruns
+        try:
+            model = mlflow.pyfunc.load_model("models:/mri-ensemble-segmentation@champion")
+        finally:
+            os.chdir(cwd)
+        images = read_segmentation_h5(project / "data/prepared/segmentation/test.h5").image[:3]
+        labels = model.predict(images)
+        assert labels.shape == images.shape and set(np.unique(labels)) <= {0, 1, 2, 3}
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_flow_writes_the_reconstruction_outputs(project: Path):
     metrics = json.loads((project / "reports/reconstruction/metrics.json").read_text())
     assert set(metrics["models"]) == set(RECON_MODELS)
@@ -159,13 +212,28 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
     (varnet,) = [r for r, n in runs.items() if n == "varnet"]
     keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (varnet,))}
     assert {"train_loss", "val_ssim", "best_val_ssim", "test_ssim", "test_psnr"} <= keys
-    recon_ens = db.execute(
-        "SELECT r.run_uuid FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
-        "WHERE t.key='task' AND t.value='reconstruction' AND r.name LIKE 'ensemble%'"
-    ).fetchall()
-    assert len(recon_ens) == 1
-    ens_keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", recon_ens[0])}
-    assert {"val_ssim", "test_ssim", "test_psnr", "test_nmse"} <= ens_keys
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for task, key in (("segmentation", "iou"), ("reconstruction", "ssim")):
+        p = params["ensemble"][task]
+        methods = {p["method"], *p["compare"]}
+        ens_runs = db.execute(
+            "SELECT r.run_uuid, r.name FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+            "WHERE t.key='task' AND t.value=? AND r.name LIKE 'ensemble-%'",
+            (task,),
+        ).fetchall()
+        # one child run per ensemble method, all with the same metric names (the tiny
+        # segmentation val set holds one patient: nothing to cross-fit there)
+        assert sorted(n for _, n in ens_runs) == sorted(f"ensemble-{m}" for m in methods)
+        scores = json.loads((project / f"reports/{task}/metrics.json").read_text())["methods"]
+        for run_id, name in ens_runs:
+            assert parents[run_id] == pipeline[0]
+            ens_keys = {
+                k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (run_id,))
+            }
+            crossfit = (
+                {f"crossfit_{key}"} if scores[name.removeprefix("ensemble-")]["crossfit"] else set()
+            )
+            assert {f"val_{key}", f"test_{key}", *crossfit} <= ens_keys
     (unet,) = [r for r, n in runs.items() if n == "unet"]
     steps = db.execute(
         "SELECT key, step FROM metrics WHERE run_uuid=? AND key IN ('train_loss','val_loss')",
