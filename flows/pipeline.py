@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import State
 
-from stages.common import PARENT_RUN_ENV
+from stages.common import PARENT_RUN_ENV, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (INFO|WARNING|ERROR) ")  # stages' log format
@@ -139,6 +139,8 @@ def _parent_run(params: dict) -> tuple[object, str]:
     mlflow.set_tracking_uri(params["mlflow"]["tracking_uri"])
     mlflow.set_experiment(params["mlflow"]["experiment"])  # creates the store once, up front
     run = mlflow.start_run(run_name="pipeline", tags={"kind": "pipeline"})
+    # the whole params.yaml, flattened (the `zoo` holds entries that do not run)
+    mlflow.log_params(flatten({k: v for k, v in params.items() if k != "zoo"}))
     return mlflow, run.info.run_id
 
 

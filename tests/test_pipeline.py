@@ -206,6 +206,9 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
     )
     pipeline = [r for r, n in runs.items() if n == "pipeline"]
     assert len(pipeline) == 1
+    logged = dict(db.execute("SELECT key, value FROM params WHERE run_uuid=?", (pipeline[0],)))
+    assert logged["train.segmentation-unet.optim.epochs"] == "2"  # params.yaml, flattened
+    assert logged["ensemble.segmentation.method"] == "random+nelder_mead"
     children = {runs[r] for r, p in parents.items() if p == pipeline[0]}
     assert set(MODELS) <= children and any(c.startswith("ensemble") for c in children)
     assert {"varnet", "dircn_unet", "dircn_attention"} <= children
