@@ -214,7 +214,7 @@ def register(t: str) -> int:
     """The task's shipped ensemble in the MLflow model registry (``mri-ensemble-<task>``,
     alias ``champion`` on the best val score); an unchanged ensemble adds no version.
     Retried: the sqlite store can be briefly locked by a stage still closing its run."""
-    from mri_ensemble.registry import register_ensemble
+    from stages.registry import register_ensemble
 
     version, new = register_ensemble(ROOT, t)
     get_run_logger().info(

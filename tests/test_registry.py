@@ -12,7 +12,7 @@ import pytest
 from tiny_project import make_project
 
 from mri_ensemble.predict import load_predictor, predict_labels
-from mri_ensemble.registry import ALIAS, register_ensemble, registered_name
+from stages.registry import ALIAS, register_ensemble, registered_name
 
 
 def _scores(root: Path, val: float, weights: dict | None = None) -> None:

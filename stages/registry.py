@@ -2,7 +2,8 @@
 
 :func:`register_ensemble` bundles what loading needs (the members' ``best.pt``, the task's
 ``ensemble.json`` and ``params.yaml`` for preprocessing) as the artifacts of an MLflow
-``pyfunc`` model whose code is this package, registers it as ``mri-ensemble-<task>`` and
+``pyfunc`` model whose code is ``mri_ensemble`` and ``stages`` (MLflow lives in the stages
+layer, not the library), registers it as ``mri-ensemble-<task>`` and
 points the alias ``champion`` at the version with the best val score (ties: the newer).
 A bundle identical to the latest version (same fingerprint of weights and checkpoints) is
 not registered again, so rerunning an unchanged pipeline adds no versions.
@@ -27,11 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+import mri_ensemble
+from mri_ensemble.errors import DataError
 
 log = logging.getLogger(__name__)
+PACKAGE = Path(mri_ensemble.__file__).resolve().parent  # shipped with the model (code_paths)
 
 ALIAS = "champion"
+BUNDLE_FORMAT = "stages.registry/1"  # part of the fingerprint: a new layout is a new version
 KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}
 REQUIREMENTS = [  # what loading needs (the package's own pins, see pyproject.toml)
     "torch==2.13.0",
@@ -58,14 +62,14 @@ try:  # the class is only needed where mlflow is installed (always, in this proj
         """pyfunc wrapper: the task's ensemble, loaded with :mod:`mri_ensemble.predict`."""
 
         def load_context(self, context: Any) -> None:
-            from .predict import load_predictor
+            from mri_ensemble.predict import load_predictor
 
             root = Path(context.artifacts["project"])
             self.task = json.loads((root / "task.json").read_text())["task"]
             self.predictor = load_predictor(root, self.task, "ensemble", device="auto")
 
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            from .predict import predict_labels, reconstruct_file
+            from mri_ensemble.predict import predict_labels, reconstruct_file
 
             if self.task == "segmentation":
                 images = np.asarray(model_input, dtype=np.float32)
@@ -93,7 +97,7 @@ def _bundle(root: Path, task: str, dest: Path) -> tuple[dict[str, Any], str]:
     if not ens_file.is_file():
         raise DataError(f"{ens_file}: missing; run the ensemble stage first")
     ens = json.loads(ens_file.read_text())
-    h = hashlib.sha256(json.dumps(ens["weights"], sort_keys=True).encode())
+    h = hashlib.sha256(f"{BUNDLE_FORMAT}{json.dumps(ens['weights'], sort_keys=True)}".encode())
     for m in sorted(ens["weights"]):
         ckpt = root / "models" / task / m / "best.pt"
         if not ckpt.is_file():
@@ -136,7 +140,7 @@ def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
             name="ensemble",
             python_model=EnsembleModel(),
             artifacts={"project": str(bundle)},
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(PACKAGE), str(Path(__file__).resolve().parent)],
             pip_requirements=REQUIREMENTS,
             registered_model_name=name,
         )
