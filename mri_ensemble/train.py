@@ -137,13 +137,33 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by this engine; DataError if missing or not one."""
+    """Load a checkpoint written by this engine; DataError if missing or not one.
+
+    Checkpoints are untrusted (teammates, DVC remotes, the registry): they are unpickled
+    with ``weights_only=True``, which builds only tensors and plain containers (plus numpy
+    scalars, which a metric may leave in the history). A file whose pickle names any other
+    callable is refused before that callable can run.
+    """
+    import pickle
+    import re
+
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
+    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+    numpy_scalars.append(np.float64(0).__reduce__()[0])  # numpy's scalar constructor
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_scalars):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(exc))
+        what = f"it names {found.group(1)}" if found else "it holds other objects"
+        raise DataError(
+            f"{path}: refused: a checkpoint may hold only tensors and plain types, {what} "
+            "(code that unpickling would run)"
+        ) from exc
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
     return state
