@@ -49,9 +49,11 @@ serve: venv
 ui: venv
 	mri-ensemble ui
 
-# ensemble weight search speed: batched versus a naive loop (needs a finished make run)
+# ensemble weight search speed (batched versus a naive loop) and the ensemble's latency and
+# peak memory on this machine, by size (both need a finished make run)
 bench: venv
 	python bench/ensemble_search.py
+	python bench/ensemble_cost.py
 
 clean:
 	rm -rf .resume data/prepared data/augmented data/predictions models

@@ -1,4 +1,11 @@
-"""What an ensemble costs: parameters, latency per slice and peak memory, by ensemble size.
+"""What an ensemble costs, by ensemble size: parameters and multiply-accumulates (MACs) per
+slice, both properties of the networks (the same on every machine, so the cost stage's
+output is reproducible byte for byte), and, measured by the benchmark
+``bench/ensemble_cost.py``, latency per slice and peak memory on the machine at hand.
+
+MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward pass on a
+batch of test inputs (convolutions and matrix products; FFTs and element-wise operations are
+not counted), halved (one MAC = two FLOPs) and divided by the batch size.
 
 Latency is measured, not estimated: one batch of test inputs, ``warmup`` calls, then the
 median of ``repeats`` timed calls, on the device the stage resolves (CUDA where present,
@@ -43,6 +50,23 @@ def batch_inputs(task: str, data: Path, batch: int) -> tuple[torch.Tensor, ...]:
     dataset = ReconDataset(read_reconstruction_h5(data))
     items = [dataset[i][0] for i in range(min(batch, len(dataset)))]
     return tuple(torch.stack([it[j] for it in items]) for j in range(3))
+
+
+def macs_per_slice(
+    checkpoints: dict[str, Path], inputs: tuple[torch.Tensor, ...]
+) -> dict[str, float]:
+    """Multiply-accumulates per slice of each member's forward pass on ``inputs`` (CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = list(checkpoints)
+    members = load_members([checkpoints[n] for n in names], "cpu")
+    out = {}
+    for name, net in zip(names, members, strict=True):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            net(*inputs)
+        out[name] = counter.get_total_flops() / 2 / len(inputs[0])
+    return out
 
 
 def median_seconds(
@@ -183,8 +207,9 @@ def recommend(sizes: Sequence[dict[str, Any]], key: str, share: float = 0.95) ->
         f"{k} model{'s' if k > 1 else ''} ({', '.join(pick['members'])}) give "
         f"{100 * got:.0f} % of the full {full['size']}-model ensemble's val {label} gain "
         f"(+{pick[f'val_{key}'] - first[f'val_{key}']:.4f} of +{gain:.4f} over "
-        f"{first['members'][0]}) at {100 * pick['latency_s'] / full['latency_s']:.0f} % of its "
-        f"latency and {100 * pick['params'] / full['params']:.0f} % of its parameters; "
+        f"{first['members'][0]}) at {100 * pick['macs'] / full['macs']:.0f} % of its "
+        f"compute (MACs per slice) and {100 * pick['params'] / full['params']:.0f} % of its "
+        "parameters; "
         f"test {label} {pick[f'test_{key}']:.4f} vs {full[f'test_{key}']:.4f} (full) and "
         f"{first[f'test_{key}']:.4f} (best single)."
     )

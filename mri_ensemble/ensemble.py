@@ -52,6 +52,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import uniform_filter
@@ -126,6 +127,27 @@ def _normalise(weights: np.ndarray | Sequence[float], n_models: int) -> np.ndarr
     if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(w.sum(axis=0) <= 0):
         raise DataError(f"weights must be finite, non-negative and not all zero, found {w}")
     return w / w.sum(axis=0)
+
+
+MIN_WEIGHT = 1e-8  # a member whose share is below this (below float32 resolution) is not run
+
+
+def ensemble_members(weights: dict[str, Any]) -> list[str]:
+    """The one membership rule (predict, registry, cost, report, UI): the members whose
+    share of the total weight (of some class, for per-class weights) is at least
+    ``MIN_WEIGHT``. ``weights``: ensemble.json's ``{model: w}`` or ``{model: {class: w}}``."""
+    keys = sorted({c for w in weights.values() if isinstance(w, dict) for c in w})
+    names = list(weights)
+    if not keys:
+        table = np.array([[float(weights[m])] for m in names])
+    else:
+        table = np.array(
+            [[w.get(c, 0.0) if isinstance(w, dict) else w for c in keys] for w in weights.values()],
+            dtype=np.float64,
+        )
+    totals = table.sum(0)
+    share = table / np.where(totals > 0, totals, 1.0)
+    return [m for m, row in zip(names, share, strict=True) if np.any(row >= MIN_WEIGHT)]
 
 
 def combine(probs: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -589,6 +611,19 @@ class ImageObjective(_Objective):
         return combine_images(self.take(slices, models)[0], result.weights)
 
 
+class SearchGuaranteeError(RuntimeError):
+    """An optimiser broke its promise (a bug, not bad input): checked explicitly, so the
+    check survives ``python -O``."""
+
+
+def _check_not_below(method: str, score: float, floor: float, what: str) -> None:
+    """Every search keeps its starting points: its val score is never below ``floor``."""
+    if not score >= floor - 1e-9:
+        raise SearchGuaranteeError(
+            f"ensemble method {method!r}: val score {score:.6f} is below {what} ({floor:.6f})"
+        )
+
+
 def search(
     obj: _Objective,
     cfg: SearchConfig,
@@ -615,7 +650,8 @@ def search(
     if cfg.method != "per_class":  # the optimiser's promise (per_class: checked inside)
         singles = scorer(np.eye(m))
         best_single = np.nan if np.all(np.isnan(singles)) else np.nanmax(singles)
-        assert np.isnan(best_single) or result.score >= best_single - 1e-9
+        if not np.isnan(best_single):
+            _check_not_below(cfg.method, result.score, best_single, "the best single model")
     log.debug(
         "ensemble %s: %d candidates, val %.4f",
         cfg.method,
@@ -660,7 +696,7 @@ def _per_class(
     elif len(halves) < 2:
         note = "held-out check skipped: fewer than 2 case groups"
     score = float(obj.scorer(slices, models, per_class=True)(w[None])[0])
-    assert score >= base.score - 1e-9
+    _check_not_below("per_class", score, base.score, "its shared weights")
     trace = [*base.trace, (w.tolist(), score)]
     return SearchResult("per_class", w, score, evaluated, trace, note=note)
 

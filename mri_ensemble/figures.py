@@ -33,7 +33,10 @@ def _save(fig: Figure, path: Path) -> None:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+            # no Software tag: the bytes do not depend on the matplotlib version
+            fig.savefig(
+                tmp, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None}
+            )
     except OSError as exc:
         raise DataError(f"{path}: could not write the figure ({exc})") from exc
     finally:

@@ -12,11 +12,11 @@ stage decides what to log.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
-import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -111,16 +111,6 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def fingerprint(obj: Any) -> str:
     """Stable hash of a JSON-able object (resolved params + data identity)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -132,8 +122,13 @@ def training_fingerprint(spec: ModelSpec, cfg: TrainConfig, meta: Mapping[str, A
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically, byte-reproducibly: ``torch.save`` names the zip archive
+    after the file it writes to, so it is serialised in memory (archive name fixed) and
+    the bytes are written to the temporary name."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -149,7 +144,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
-    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+    numpy_scalars: list[Any] = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
     numpy_scalars.append(np.float64(0).__reduce__()[0])  # numpy's scalar constructor
     try:
         with torch.serialization.safe_globals(numpy_scalars):
@@ -243,7 +238,6 @@ def fit(
         "train_config": asdict(cfg),
         "meta": dict(meta),
         "fingerprint": fp,
-        "git_rev": git_revision(),
         "epoch": 0,
         "history": [],
         "best_epoch": 0,
@@ -261,7 +255,7 @@ def fit(
                 sched.load_state_dict(old["scheduler"])
             scaler.load_state_dict(old["scaler"])
             torch.set_rng_state(old["rng"]["torch"])
-            state.update({k: old[k] for k in state if k in old and k not in ("git_rev",)})
+            state.update({k: old[k] for k in state if k in old})
             log.info("resuming %s from epoch %d", last_path, old["epoch"])
         else:
             log.info("%s belongs to other params or data; starting afresh", last_path)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,13 +21,28 @@ import numpy as np
 import yaml
 
 from mri_ensemble.errors import ConfigError, PipelineError
-from mri_ensemble.train import git_revision
+from mri_ensemble.io import write_json
 
 PARAMS_FILE = Path(os.environ.get("MRI_ENSEMBLE_PARAMS", "params.yaml"))
 PARENT_RUN_ENV = "MRI_ENSEMBLE_PARENT_RUN_ID"
+# Which MLflow run trained which model: kept beside the outputs, not in them, so a model
+# folder's bytes do not depend on the run id (evaluate continues the training's run).
+RUNS_DIR = Path(".mlflow-runs")
 TASKS = ("segmentation", "reconstruction")
 KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}  # what the ensemble maximises
 log = logging.getLogger("stages")
+
+
+def git_revision() -> str:
+    """The commit the stage runs at: an MLflow tag, never part of a DVC output (outputs must
+    not change bytes when only the commit does)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -145,6 +162,21 @@ def mlflow_run(
             kwargs["parent_run_id"] = parent
     with mlflow.start_run(**kwargs) as run:
         yield run
+
+
+def remember_run(name: str, run_id: str) -> None:
+    """Record that ``train@<name>`` logged to MLflow run ``run_id`` (for evaluate)."""
+    write_json(RUNS_DIR / f"{name}.json", {"run_id": run_id})
+
+
+def remembered_run(name: str) -> str | None:
+    """The run ``train@<name>`` logged to on this machine; None (a new run) if unknown, e.g.
+    when the model was restored from the DVC run-cache instead of trained here."""
+    path = RUNS_DIR / f"{name}.json"
+    try:
+        return str(json.loads(path.read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def weights_array(weights: dict, members: list[str]) -> np.ndarray:

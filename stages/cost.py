@@ -1,30 +1,44 @@
-"""cost@<task>: what the ensemble costs by size: parameters, latency per slice, peak memory.
+"""cost@<task>: what the ensemble costs by size: parameters and MACs per slice.
 
 Reads ``reports/<task>/ensemble.json`` (the sizes 1..M in greedy order that the ensemble
-stage searched, with their val and test scores), loads the members' checkpoints, times
-each member alone and each ensemble as one network over the same batch of test slices
-(:mod:`mri_ensemble.cost`), probes peak memory in a fresh process per size, and writes
-``reports/<task>/cost.json`` with a one-line recommendation. Timings depend on the
-machine, so this file is a plain output, not a DVC metric.
+stage searched, with their val and test scores), loads the members' checkpoints, counts
+each member's multiply-accumulates per slice on a batch of test slices
+(:mod:`mri_ensemble.cost`), and writes ``reports/<task>/cost.json`` with a one-line
+recommendation. Everything in it is a property of the networks, so the file is the same on
+every machine; latency and peak memory, which are not, are measured by
+``bench/ensemble_cost.py`` (``make bench``) and printed, never written into an output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from mri_ensemble.cost import batch_inputs, latencies, peak_memory_mb, recommend
+from mri_ensemble.cost import batch_inputs, macs_per_slice, recommend
+from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
-from mri_ensemble.train import resolve_device
 
-from .common import KEY_METRIC, cli, get, load_params, log, weights_array
+from .common import KEY_METRIC, cli, get, load_params, log
+
+
+def read_sizes(ensemble: Path, task: str) -> list[dict]:
+    """The ensemble sizes of ``reports/<task>/ensemble.json``."""
+    if not ensemble.is_file():
+        raise DataError(f"{ensemble}: missing; run ensemble@{task} first")
+    sizes = json.loads(ensemble.read_text()).get("sizes")
+    if not sizes:
+        raise DataError(f"{ensemble}: no 'sizes' (written by an older ensemble stage?)")
+    return sizes
+
+
+def member_checkpoints(models: Path, task: str, names: list[str]) -> dict[str, Path]:
+    checkpoints = {m: models / m / "best.pt" for m in names}
+    for m, path in checkpoints.items():
+        if not path.is_file():
+            raise DataError(f"{path}: checkpoint missing; run train@{task}-{m} first")
+    return checkpoints
 
 
 @cli
@@ -40,76 +54,30 @@ def main() -> None:
     if args.task not in KEY_METRIC:
         raise ConfigError(f"cost: unknown task {args.task!r}; known: {list(KEY_METRIC)}")
     p = get(params, f"cost.{args.task}", kind=dict)
-    batch, repeats = int(p.get("batch", 8)), int(p.get("repeats", 5))
-    if batch < 1 or repeats < 1:
-        raise ConfigError(f"params.yaml: cost.{args.task}: batch and repeats must be >= 1")
-    if not args.ensemble.is_file():
-        raise DataError(f"{args.ensemble}: missing; run ensemble@{args.task} first")
-    details = json.loads(args.ensemble.read_text())
-    sizes = details.get("sizes")
-    if not sizes:
-        raise DataError(f"{args.ensemble}: no 'sizes' (written by an older ensemble stage?)")
+    unknown = sorted(set(p) - {"batch", "repeats"})
+    if unknown:
+        raise ConfigError(f"params.yaml: cost.{args.task}: unknown key(s) {unknown}")
+    batch = p.get("batch", 8)
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"params.yaml: cost.{args.task}.batch must be an int >= 1")
+    sizes = read_sizes(args.ensemble, args.task)
     key = KEY_METRIC[args.task]
-    names = sizes[-1]["members"]
-    checkpoints = {m: args.models / m / "best.pt" for m in names}
-    for m, path in checkpoints.items():
-        if not path.is_file():
-            raise DataError(f"{path}: checkpoint missing; run train@{args.task}-{m} first")
-
-    threads = int(os.environ.get("MRI_ENSEMBLE_THREADS") or torch.get_num_threads())
-    torch.set_num_threads(threads)
-    device = resolve_device(get(params, "device"))
+    checkpoints = member_checkpoints(args.models, args.task, sizes[-1]["members"])
     inputs = batch_inputs(args.task, args.data, batch)
-    plan = [(s["members"], weights_array(s["weights"], s["members"])) for s in sizes]
-    log.info(
-        "timing %d members and %d ensembles on %s (%d threads)",
-        len(names),
-        len(plan),
-        device,
-        threads,
-    )
-    timed = latencies(args.task, checkpoints, plan, inputs, device, repeats)
+    macs = macs_per_slice(checkpoints, inputs)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "inputs.pt"
-        torch.save(inputs, saved)
-        for s, (members, weights), (seconds, summed) in tqdm(
-            list(zip(sizes, plan, timed, strict=True)), desc="peak memory", disable=None
-        ):
-            peak = peak_memory_mb(
-                args.task, [checkpoints[m] for m in members], weights, saved, str(device)
-            )
-            rows.append(
-                {
-                    **{
-                        k: s[k]
-                        for k in ("size", "added", "members", "params", f"val_{key}", f"test_{key}")
-                    },
-                    "latency_s": seconds,
-                    "members_latency_sum_s": summed,
-                    "batching_ratio": seconds / summed,
-                    "peak_memory_mb": peak,
-                }
-            )
-            log.info(
-                "size %d (+%s): %.1f ms/slice (its members alone %.1f ms, ratio %.2f), "
-                "%.0f MiB peak",
-                s["size"],
-                s["added"],
-                1e3 * seconds,
-                1e3 * summed,
-                seconds / summed,
-                peak,
-            )
+    for s in sizes:
+        row = {k: s[k] for k in ("size", "added", "members", "params", f"val_{key}", f"test_{key}")}
+        row["macs"] = float(sum(macs[m] for m in ensemble_members(s["weights"])))  # what runs
+        rows.append(row)
+        log.info("size %d (+%s): %.3f GMACs/slice", s["size"], s["added"], row["macs"] / 1e9)
     line = recommend(rows, key)
     log.info("%s", line)
     write_json(
         args.out,
         {
-            "device": str(device),
-            "threads": threads,
             "batch": len(inputs[0]),
-            "repeats": repeats,
+            "member_macs": macs,
             "sizes": rows,
             "recommendation": line,
         },

@@ -121,12 +121,16 @@ def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[s
     t0 = time.perf_counter()
     result = search(val, cfg)
     seconds = time.perf_counter() - t0
-    try:
-        fused_cf, _ = crossfit(val, cfg, folds)
+    crossfitted = {}
+    if folds:  # 0: the user asked for no cross-fitting; anything else must work
+        try:
+            fused_cf, _ = crossfit(val, cfg, folds)
+        except DataError as exc:  # e.g. a val set of one patient: nothing to hold out
+            raise DataError(
+                f"ensemble@{task}: method {cfg.method!r}: {exc} in the val split; add val "
+                f"cases or set ensemble.{task}.crossfit_folds: 0 to skip cross-fitting"
+            ) from exc
         crossfitted = _scores(task, fused_cf, val.target, val.case, t["names"])
-    except DataError as exc:  # e.g. a val set of one patient: nothing to hold out
-        log.warning("%s: no cross-fitting (%s)", cfg.method, exc)
-        crossfitted = {}
     return {
         "method": cfg.method,
         "weights": weights_json(result.weights, models, t["names"]),
@@ -135,10 +139,10 @@ def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[s
         "test": _scores(task, test.fuse(result), test.target, test.case, t["names"]),
         "val_search_score": result.score,
         "candidates_evaluated": result.candidates_evaluated,
-        "search_seconds": round(seconds, 3),
         "note": result.note,
         "trace": result.trace,
         "_result": result,
+        "_seconds": seconds,  # machine timing: logged, never written into an output
     }
 
 
@@ -221,12 +225,13 @@ def main() -> None:
             methods[cfg.method]["crossfit"].get(key, float("nan")),
             methods[cfg.method]["test"][key],
             methods[cfg.method]["candidates_evaluated"],
-            methods[cfg.method]["search_seconds"],
+            methods[cfg.method]["_seconds"],
         )
     shipped = configs[0]
     params_of = {m: int(per_model[m]["params"]) for m in models}
     sizes, loo = sizes_and_leave_one_out(args.task, t, shipped, models, params_of)
     results = {name: entry.pop("_result") for name, entry in methods.items()}
+    seconds = {name: entry.pop("_seconds") for name, entry in methods.items()}
 
     def summary(entry: dict) -> dict:
         return {k: entry[k] for k in ("method", "weights", "val", "crossfit", "test")}
@@ -246,7 +251,6 @@ def main() -> None:
         "crossfit_folds": folds,
         "val_search_score": methods[shipped.method]["val_search_score"],
         "candidates_evaluated": methods[shipped.method]["candidates_evaluated"],
-        "search_seconds": methods[shipped.method]["search_seconds"],
         "trace": methods[shipped.method]["trace"],
         "unweighted_mean": {s: methods["mean"][s] for s in ("val", "test")}
         if "mean" in methods
@@ -257,7 +261,7 @@ def main() -> None:
     }
     write_json(args.out / "ensemble.json", details)
     write_json(args.out / "metrics.json", metrics)
-    log_methods(params, args.task, models, methods, results, shipped.method)
+    log_methods(params, args.task, models, methods, results, seconds, shipped.method)
 
     best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
     log.info(
@@ -300,9 +304,10 @@ def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], i
                 f"params.yaml: ensemble.{task}: unknown method {name!r}; known: {', '.join(allowed)}"
             )
     folds = p.get("crossfit_folds", 3)
-    if not isinstance(folds, int) or folds < 2:
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 0 or folds == 1:
         raise ConfigError(
-            f"params.yaml: ensemble.{task}.crossfit_folds should be an int >= 2, found {folds!r}"
+            f"params.yaml: ensemble.{task}.crossfit_folds should be an int >= 2 (or 0: no "
+            f"cross-fitting), found {folds!r}"
         )
     configs = [
         SearchConfig(
@@ -323,6 +328,7 @@ def log_methods(
     models: list[str],
     methods: dict[str, dict],
     results: dict[str, SearchResult],
+    seconds: dict[str, float],
     shipped: str,
 ) -> None:
     """One MLflow run per method (children of the pipeline's parent run), same metric names."""
@@ -353,7 +359,7 @@ def log_methods(
                     for k, v in flatten(entry[split]).items()
                     if isinstance(v, float) and np.isfinite(v)
                 }
-                | {"search_seconds": entry["search_seconds"]}
+                | {"search_seconds": seconds[name]}
             )
 
 

@@ -9,7 +9,6 @@ reconstruction: SSIM, PSNR, NMSE per volume and mean), and logs ``best_val_*`` a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,17 @@ from mri_ensemble.reconstruction import predict_reconstructions
 from mri_ensemble.segmentation import class_names_of, predict_probabilities
 from mri_ensemble.train import load_model, resolve_device, set_threads_from_env
 
-from .common import KEY_METRIC, cli, flatten, get, load_params, log, mlflow_run, model_entry
+from .common import (
+    KEY_METRIC,
+    cli,
+    flatten,
+    get,
+    load_params,
+    log,
+    mlflow_run,
+    model_entry,
+    remembered_run,
+)
 
 
 @cli
@@ -61,12 +70,7 @@ def main() -> None:
                 )
                 write_probabilities(tmp / f"{split}.h5", probs, data.case, attrs)
         write_json(tmp / "metrics.json", metrics)
-    summary_file = args.checkpoint.parent / "summary.json"
-    run_id = (
-        json.loads(summary_file.read_text()).get("mlflow_run_id")
-        if summary_file.is_file()
-        else None
-    )
+    run_id = remembered_run(args.name)
     tags = {"task": entry["task"], "model": entry["model"], "kind": "model"}
     with mlflow_run(params, entry["model"], tags, run_id=run_id):
         import mlflow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from mri_ensemble.baselines import threshold_segmentation
 from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
 from mri_ensemble.data.prepared import read_segmentation_h5
 from mri_ensemble.data.prepared_recon import read_reconstruction_h5
-from mri_ensemble.ensemble import combine, combine_images
+from mri_ensemble.ensemble import combine, combine_images, ensemble_members
+from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.figures import (
     plot_gain_cost,
     plot_loss_curves,
@@ -55,11 +57,6 @@ def overlay_slices(label: np.ndarray, k: int) -> np.ndarray:
     return np.sort(ranked[np.linspace(0, len(ranked) - 1, k).astype(int)])
 
 
-def weight_of(w: Any) -> float:
-    """A member's weight; for per-class weights ({class: w}) its largest."""
-    return max(w.values()) if isinstance(w, dict) else float(w)
-
-
 def fmt_weights(weights: dict) -> str:
     return ", ".join(
         f"{m} " + ("/".join(f"{x:.2f}" for x in w.values()) if isinstance(w, dict) else f"{w:.2f}")
@@ -81,16 +78,15 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
         f"**{details['method']}**.",
         "",
         f"| method | val {label} (in-sample) | val {label} (cross-fitted) | optimism | "
-        f"test {label} | candidates | search s | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"test {label} | candidates | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in details["methods"].items():
         cf = m["crossfit"].get(key)
         opt = f"{m['val'][key] - cf:+.4f}" if cf is not None else "—"
         lines.append(
             f"| {name} | {fmt(m['val'][key])} | {fmt(cf)} | {opt} | "
-            f"{fmt(m['test'][key])} | {m['candidates_evaluated']} | {m['search_seconds']:.2f} | "
-            f"{m.get('note', '')} |"
+            f"{fmt(m['test'][key])} | {m['candidates_evaluated']} | {m.get('note', '')} |"
         )
     cost_file = rep / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
@@ -99,55 +95,28 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
         "### Gain versus cost by ensemble size",
         "",
         f"Members added in greedy order (each step adds the model whose addition scores best on "
-        f"val, weights re-searched with {details['method']}).",
+        f"val, weights re-searched with {details['method']}). Compute: multiply-accumulates "
+        "per slice of every member's forward pass (convolutions and matrix products), the same "
+        "on every machine; latency and peak memory on yours: `make bench`.",
+        "",
+        f"| size | added | params | GMACs / slice | val {label} | test {label} |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     if cost is None:
-        lines += ["", f"(no `{cost_file}`: run `dvc repro cost@{task}` for latency and memory)"]
-        rows = [
-            {
-                **s,
-                "latency_s": np.nan,
-                "members_latency_sum_s": np.nan,
-                "batching_ratio": np.nan,
-                "peak_memory_mb": np.nan,
-            }
-            for s in details["sizes"]
-        ]
-    else:
-        rows = cost["sizes"]
-        lines[-1] += (
-            f" Latency: median of {cost['repeats']} calls on a batch of {cost['batch']} test "
-            f"slices on {cost['device']} ({cost['threads']} threads), every member run over the "
-            "same batch; 'alone' is the sum of the members timed alone, interleaved in the same "
-            "run. Peak memory: growth of a fresh process's peak RSS from loading the members "
-            "through one batch."
-        )
-    lines += [
-        "",
-        f"| size | added | params | val {label} | test {label} | ms / slice | members alone "
-        "ms | ratio | peak MiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
+        lines.insert(-3, f"(no `{cost_file}`: run `dvc repro cost@{task}`)")
+    macs = {r["size"]: r["macs"] for r in cost["sizes"]} if cost else {}
+    for r in details["sizes"]:
+        gmacs = f"{macs[r['size']] / 1e9:.3f}" if r["size"] in macs else "—"
         lines.append(
-            f"| {r['size']} | {r['added']} | {r['params']:,} | {fmt(r[f'val_{key}'])} | "
-            f"{fmt(r[f'test_{key}'])} | {1e3 * r['latency_s']:.1f} | "
-            f"{1e3 * r['members_latency_sum_s']:.1f} | {r['batching_ratio']:.2f} | "
-            f"{r['peak_memory_mb']:.0f} |"
+            f"| {r['size']} | {r['added']} | {r['params']:,} | {gmacs} | "
+            f"{fmt(r[f'val_{key}'])} | {fmt(r[f'test_{key}'])} |"
         )
     if cost is not None:
-        ratios = [r["batching_ratio"] for r in rows]
-        lines += [
-            "",
-            f"Every member over one batch: the ensemble's latency is {min(ratios):.2f}–"
-            f"{max(ratios):.2f}x the sum of its members' timed alone (target <= 1.1x).",
-            "",
-            f"**Recommendation:** {cost['recommendation']}",
-        ]
+        lines += ["", f"**Recommendation:** {cost['recommendation']}"]
         plot_pareto(
-            [(f"{r['size']}", 1e3 * r["latency_s"], r[f"test_{key}"]) for r in rows],
+            [(f"{r['size']}", r["macs"] / 1e9, r[f"test_{key}"]) for r in cost["sizes"]],
             figures / f"{task}_pareto.png",
-            "latency per slice (ms)",
+            "GMACs per slice",
             f"test {label}",
         )
         lines += ["", f"![Pareto](figures/{task}_pareto.png)"]
@@ -204,8 +173,7 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
         mm = metrics["models"][m]
         lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
     total = sum(metrics["models"][m]["params"] for m in models)
-    # cost counts the members the search kept (weight >= 1 %): the others can be dropped
-    members = [m for m in models if weight_of(ens["weights"][m]) >= 0.01]
+    members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
     kept = sum(metrics["models"][m]["params"] for m in members)
     w = fmt_weights(ens["weights"])
     lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
@@ -220,10 +188,8 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
         "",
         f"Best single model on val: **{best}**. The ensemble changes test IoU by "
         f"**{gain:+.4f}** ({ens['test']['iou']:.4f} vs {b['test']['iou']:.4f}) at "
-        f"{kept / b['params']:.1f}x its parameters ({len(members)} members with weight >= 0.01; "
-        "inference cost grows about as much). "
-        f"Search: {ens_details['candidates_evaluated']} candidates in "
-        f"{ens_details['search_seconds']:.1f} s.",
+        f"{kept / b['params']:.2f}x its parameters ({len(members)} members). "
+        f"Search: {ens_details['candidates_evaluated']} candidates.",
         "",
     ]
 
@@ -300,7 +266,7 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     for m in models:
         mm = metrics["models"][m]
         lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
-    members = [m for m in models if weight_of(ens["weights"][m]) >= 0.01]
+    members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
     kept = sum(metrics["models"][m]["params"] for m in members)
     total = sum(metrics["models"][m]["params"] for m in models)
     w = fmt_weights(ens["weights"])
@@ -317,9 +283,8 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
         "",
         f"Best single model on val: **{best}**. The ensemble changes test SSIM by "
         f"**{gain:+.4f}** ({ens['test']['ssim']:.4f} vs {b['test']['ssim']:.4f}) at "
-        f"{kept / b['params']:.1f}x its parameters ({len(members)} members with weight >= 0.01). "
-        f"Search: {ens_details['candidates_evaluated']} candidates in "
-        f"{ens_details['search_seconds']:.1f} s.",
+        f"{kept / b['params']:.2f}x its parameters ({len(members)} members). "
+        f"Search: {ens_details['candidates_evaluated']} candidates.",
         "",
     ]
     histories = {m: read_history(rep / "history" / f"{m}.csv") for m in models}
@@ -352,17 +317,169 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     return lines
 
 
+# ----------------------------------------------------------------- README results blocks
+# The README's results tables and the sentences that state gains are generated here from
+# the committed ``reports/<task>/metrics.json`` and ``cost.json`` (both kept in git), held
+# between ``<!-- results:begin <task> -->`` and ``<!-- results:end <task> -->``:
+# ``python -m stages.report --readme README.md`` rewrites them, ``--check`` fails on a
+# difference (a test does that, and CI does it on the reproduced run).
+RESULT_COLUMNS = {
+    "segmentation": (("val", "iou", "val IoU"), ("test", "iou", "test IoU"),
+                     ("test", "dice", "test Dice")),
+    "reconstruction": (("val", "ssim", "val SSIM"), ("test", "ssim", "test SSIM"),
+                       ("test", "psnr", "test PSNR (dB)"), ("test", "nmse", "test NMSE")),
+}  # fmt: skip
+BASELINES = {
+    "segmentation": (("threshold", "threshold baseline (multi-Otsu, no learning)"),),
+    "reconstruction": (("grappa", "GRAPPA baseline"), ("zero_filled", "zero-filled baseline")),
+}
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin {} -->", "<!-- results:end {} -->"
+
+
+def _cell(scores: dict | None, key: str) -> str:
+    x = (scores or {}).get(key)
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{x:.2f}" if key == "psnr" else f"{x:.4f}"
+
+
+def results_block(task: str, metrics: dict, cost: dict | None) -> str:
+    """The README's results for ``task``: one table and the sentences stating the gains,
+    every number computed from ``metrics`` (and ``cost``) unrounded, then formatted once."""
+    cols = RESULT_COLUMNS[task]
+    key = cols[0][1]
+    label = cols[0][2].split()[-1]
+    models = list(metrics["models"])
+    ens = metrics["ensemble"]
+    mean = metrics["methods"].get("mean")
+    members = ensemble_members(ens["weights"])
+    params = {m: int(metrics["models"][m]["params"]) for m in models}
+    lines = [
+        "| model | params | " + " | ".join(c[2] for c in cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
+
+    def row(name: str, n: int, scores: dict) -> str:
+        return (
+            f"| {name} | {n:,} | " + " | ".join(_cell(scores.get(s), k) for s, k, _ in cols) + " |"
+        )
+
+    for m in models:
+        lines.append(row(m, params[m], metrics["models"][m]))
+    lines.append(
+        row(f"**ensemble** ({ens['method']}: {fmt_weights(ens['weights'])})",
+            sum(params[m] for m in members), ens)
+    )  # fmt: skip
+    if mean is not None:
+        lines.append(row(f"unweighted mean of the {len(models)}", sum(params.values()), mean))
+    for name, title in BASELINES[task]:
+        if name in metrics["baselines"]:
+            lines.append(row(title, 0, metrics["baselines"][name]))
+    best = max(models, key=lambda m: metrics["models"][m]["val"][key])
+    b = metrics["models"][best]
+    gain = ens["test"][key] - b["test"][key]
+    ratio = sum(params[m] for m in members) / params[best]
+    sentence = (
+        f"Best single model on val: {best}. The shipped ensemble ({len(members)} members) "
+        f"changes test {label} by {gain:+.4f} ({ens['test'][key]:.4f} vs {b['test'][key]:.4f}) "
+        f"for {ratio:.2f}x its parameters"
+    )
+    if cost is not None:
+        full = cost["sizes"][-1]["macs"]
+        sentence += f" and {full / cost['member_macs'][best]:.2f}x its MACs per slice"
+    sentence += (
+        f"; on val it scores {ens['val'][key]:.4f} against {b['val'][key]:.4f} "
+        f"({ens['val'][key] - b['val'][key]:+.4f})."
+    )
+    if task == "reconstruction":
+        sentence += f" Test PSNR changes by {ens['test']['psnr'] - b['test']['psnr']:+.2f} dB."
+    if mean is not None:
+        sentence += (
+            f" The unweighted mean of all {len(models)} changes test {label} by "
+            f"{mean['test'][key] - b['test'][key]:+.4f}."
+        )
+    lines += ["", sentence]
+    if cost is not None:
+        lines += ["", f"Recommendation (`cost@{task}`): {cost['recommendation']}"]
+    return "\n".join(lines)
+
+
+def readme_blocks(reports: Path) -> dict[str, str]:
+    """Per task with a committed metrics.json: its results block."""
+    out = {}
+    for task in RESULT_COLUMNS:
+        metrics_file, cost_file = reports / task / "metrics.json", reports / task / "cost.json"
+        if metrics_file.is_file():
+            cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
+            out[task] = results_block(task, json.loads(metrics_file.read_text()), cost)
+    return out
+
+
+def sync_readme(readme: Path, blocks: dict[str, str], check: bool) -> list[str]:
+    """Put each block between its markers in ``readme`` (or, with ``check``, only compare).
+    Returns the tasks whose block differed; DataError if a marker pair is missing."""
+    text = readme.read_text()
+    stale = []
+    for task, body in blocks.items():
+        begin, end = RESULTS_BEGIN.format(task), RESULTS_END.format(task)
+        i, j = text.find(begin), text.find(end)
+        if i < 0 or j < i:
+            raise DataError(f"{readme}: no '{begin}' ... '{end}' block")
+        new = f"{begin}\n{body}\n{end}"
+        if text[i : j + len(end)] != new:
+            stale.append(task)
+            text = text[:i] + new + text[j + len(end) :]
+    if stale and not check:
+        with atomic_path(readme) as tmp:
+            tmp.write_text(text)
+    return stale
+
+
+def val_guarantees(reports: Path) -> list[str]:
+    """Each task's shipped ensemble scores at least its best single model on val."""
+    bad = []
+    for task, cols in RESULT_COLUMNS.items():
+        path = reports / task / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics, key = json.loads(path.read_text()), cols[0][1]
+        best = max(m["val"][key] for m in metrics["models"].values())
+        if metrics["ensemble"]["val"][key] < best - 1e-9:
+            bad.append(f"{path}: ensemble val {key} {metrics['ensemble']['val'][key]} < {best}")
+    return bad
+
+
 @cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--figures", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the report (markdown)")
+    ap.add_argument("--figures", type=Path, help="folder of the report's figures")
+    ap.add_argument(
+        "--readme", type=Path, help="instead of the report: rewrite this README's results blocks"
+    )
+    ap.add_argument("--check", action="store_true", help="with --readme: only compare, exit 1")
     ap.add_argument(
         "--reports", type=Path, default=Path("reports"), help="holds <task>/metrics.json"
     )
     ap.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     ap.add_argument("--predictions", type=Path, default=Path("data/predictions"))
     args = ap.parse_args()
+    if args.readme is not None:
+        stale = sync_readme(args.readme, readme_blocks(args.reports), args.check)
+        problems = [
+            f"{args.readme}: results block of {t} differs from {args.reports}/{t}/"
+            "metrics.json (python -m stages.report --readme README.md)"
+            for t in stale
+        ]
+        problems += val_guarantees(args.reports)
+        for line in problems if args.check else problems[len(stale) :]:
+            print(line, file=sys.stderr)
+        if args.check and problems:
+            sys.exit(1)
+        log.info("%s: results blocks %s", args.readme, "checked" if args.check else "written")
+        return
+    if args.out is None or args.figures is None:
+        raise ConfigError("report: --out and --figures are needed (or --readme)")
     params = load_params()
     lines = [
         "# MRI ensemble report",
@@ -371,6 +488,8 @@ def main() -> None:
         "",
     ]
     sections = {"segmentation": segmentation_section, "reconstruction": reconstruction_section}
+    for task, body in readme_blocks(args.reports).items():
+        lines += [f"## Summary: {task}", "", body, ""]
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
         for task, section in sections.items():

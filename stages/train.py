@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -39,15 +40,19 @@ from mri_ensemble.train import (
     training_fingerprint,
 )
 
-from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry
+from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry, remember_run
 
 RESUME_ROOT = Path(".resume")
 KNOWN_KEYS = {"task", "model", "arch", "net", "loss", "loss_config", "optim", "mixup_alpha"}
 
 
 def file_identity(path: Path) -> dict[str, object]:
-    st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Identity of an input by content (not mtime: a fresh clone must give the same bytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -196,7 +201,6 @@ def main() -> None:
             "best_val_loss": state["best_val_loss"],
             "epochs_run": state["epoch"],
             "stopped_early": state["stopped_early"],
-            "mlflow_run_id": run.info.run_id,
         }
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
@@ -205,6 +209,7 @@ def main() -> None:
             (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_history_csv(args.history, state["history"])
+        remember_run(args.name, run.info.run_id)
         mlflow.log_metrics(
             {"best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"]}
         )

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 import yaml
 from tiny_project import save_member
 
-from mri_ensemble.cost import batch_inputs, latencies, peak_memory_mb, recommend
+from mri_ensemble import cost
+from mri_ensemble.cost import batch_inputs, latencies, macs_per_slice, peak_memory_mb, recommend
 from mri_ensemble.data.prepared import write_segmentation_arrays
 from mri_ensemble.errors import DataError
 from mri_ensemble.inference import EnsembleNet, load_members
@@ -47,14 +49,14 @@ def test_ensemble_net_is_the_weighted_average_of_its_members(tmp_path: Path) -> 
         EnsembleNet(members, [1.0, -1.0, 1.0], "segmentation")
 
 
-def _sizes(n: int, gains: list[float], latency: list[float], params: list[int]) -> list[dict]:
+def _sizes(n: int, gains: list[float], macs: list[float], params: list[int]) -> list[dict]:
     return [
         {
             "size": k + 1,
             "members": [f"m{i}" for i in range(k + 1)],
             "val_iou": 0.80 + gains[k],
             "test_iou": 0.79 + gains[k],
-            "latency_s": latency[k],
+            "macs": macs[k],
             "params": params[k],
         }
         for k in range(n)
@@ -65,7 +67,7 @@ def test_recommendation_picks_the_smallest_ensemble_with_95_percent_of_the_gain(
     sizes = _sizes(4, [0.0, 0.006, 0.0098, 0.010], [1.0, 2.0, 3.0, 10.0], [1, 2, 3, 4])
     line = recommend(sizes, "iou")
     assert line.startswith("3 models (m0, m1, m2) give 98 % of the full 4-model")
-    assert "30 % of its latency and 75 % of its parameters" in line
+    assert "30 % of its compute (MACs per slice) and 75 % of its parameters" in line
     flat = _sizes(3, [0.0, -0.001, 0.0], [1.0, 2.0, 3.0], [1, 2, 3])
     assert "gains nothing on val over the best single model (m0" in recommend(flat, "iou")
 
@@ -85,22 +87,56 @@ def _prepared(tmp_path: Path, n: int = 4, size: int = 32) -> Path:
     return path
 
 
-def test_latency_of_the_batched_ensemble_and_its_members_side_by_side(tmp_path: Path) -> None:
+def test_latency_of_the_batched_ensemble_and_its_members_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fake clock that each member's forward advances by a known time, the ensemble
+    and the sum of its members alone come out at exactly those times per slice."""
+    clock = [0.0]
+
+    class Timed(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module, seconds: float) -> None:
+            super().__init__()
+            self.net, self.seconds = net, seconds
+
+        def forward(self, *x: torch.Tensor) -> torch.Tensor:
+            clock[0] += self.seconds
+            return self.net(*x)
+
     paths = _members(tmp_path, 2)
+    real = load_members(paths)
+    monkeypatch.setattr(
+        cost,
+        "load_members",
+        lambda p, d: [Timed(n, t) for n, t in zip(real, (0.004, 0.012), strict=True)],
+    )
+    monkeypatch.setattr(cost, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     inputs = batch_inputs("segmentation", _prepared(tmp_path), 4)
     assert inputs[0].shape == (4, 1, 32, 32)
     plan = [(["m0"], np.array([1.0])), (["m0", "m1"], np.array([0.5, 0.5]))]
     timed = latencies(
-        "segmentation",
-        {"m0": paths[0], "m1": paths[1]},
-        plan,
-        inputs,
-        torch.device("cpu"),
-        repeats=2,
+        "segmentation", {"m0": paths[0], "m1": paths[1]}, plan, inputs, torch.device("cpu"), 2
     )
-    assert len(timed) == 2
-    for ens, alone in timed:
-        assert ens > 0 and alone > 0
+    assert timed == [pytest.approx((0.001, 0.001)), pytest.approx((0.004, 0.004))]
+
+
+def test_macs_per_slice_scale_with_the_image_and_not_with_the_batch(tmp_path: Path) -> None:
+    """A fully convolutional member: MACs per slice are the same for a batch of 1 or 3 and
+    grow 4x when the image doubles in both axes; the counted value is one conv's by hand
+    for a single 3x3 conv layer of known channels."""
+    paths = dict(zip(("m0", "m1"), _members(tmp_path, 2), strict=True))
+    small = macs_per_slice(paths, (torch.zeros(1, 1, 16, 16),))
+    batch = macs_per_slice(paths, (torch.zeros(3, 1, 16, 16),))
+    large = macs_per_slice(paths, (torch.zeros(1, 1, 32, 32),))
+    assert small == batch
+    for m in paths:
+        assert large[m] == pytest.approx(4 * small[m], rel=0.02)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        conv(torch.zeros(1, 1, 16, 16))
+    assert counter.get_total_flops() / 2 == 16 * 16 * 4 * 9  # the counter's unit, by hand
 
 
 def test_peak_memory_probe_sees_the_members_weights(tmp_path: Path) -> None:

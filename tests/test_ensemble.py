@@ -310,3 +310,27 @@ def test_image_methods_crossfit_and_segmentation_only_methods() -> None:
     for method in ("vote", "per_class"):
         with pytest.raises(ConfigError, match="segmentation only"):
             ensemble.search(obj, ensemble.SearchConfig(method))
+
+
+def test_a_search_below_the_best_single_model_is_an_error_naming_the_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The promise is an explicit check (it survives ``python -O``), not an assert."""
+    probs, target, case = _random_data(3)
+    broken = ensemble.SearchResult("random", np.full(3, 1 / 3), -1.0, 1)
+    monkeypatch.setattr(ensemble, "_pool_search", lambda *a, **k: broken)
+    with pytest.raises(ensemble.SearchGuaranteeError, match="'random': val score -1.000000 is"):
+        search_weights(probs, target, case, method="random", n_random=5, seed=0)
+
+
+@pytest.mark.parametrize(
+    "weights, members",
+    [
+        ({"a": 0.7, "b": 0.3, "c": 0.0}, ["a", "b"]),
+        ({"a": 1.0, "b": 1e-9}, ["a"]),
+        ({"a": {"RV": 1.0, "LV": 0.0}, "b": {"RV": 0.0, "LV": 2.0}}, ["a", "b"]),
+        ({"a": {"RV": 1.0, "LV": 1.0}, "b": {"RV": 0.0, "LV": 0.0}}, ["a"]),
+    ],
+)
+def test_one_membership_rule(weights: dict, members: list[str]) -> None:
+    assert ensemble.ensemble_members(weights) == members

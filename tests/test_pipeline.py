@@ -27,7 +27,10 @@ RECON_MODELS = ("attention_unet", "varnet", "dircn_unet", "dircn_attention")
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["ingest"]["segmentation"].update(n_patients=5, size=32, spacing_mm=4.5)
+    # 5 patients split 2/2/1: two val patients, so cross-fitting runs end to end
+    p["ingest"]["segmentation"].update(
+        n_patients=5, size=32, spacing_mm=4.5, split={"train": 0.4, "val": 0.4, "test": 0.2}
+    )
     # three segmentation networks are enough for the DAG (every network: test_params.py)
     p["train"] = {k: e for k, e in p["train"].items() if e["task"] != "segmentation"
                   or e["model"] in MODELS}  # fmt: skip
@@ -53,7 +56,7 @@ def tiny_params() -> dict:
         entry["optim"].update(epochs=2, batch_size=8)
     p["ensemble"]["segmentation"]["n_random"] = 8
     p["ensemble"]["reconstruction"]["n_random"] = 8
-    p["cost"] = {t: {"batch": 2, "repeats": 1} for t in ("segmentation", "reconstruction")}
+    p["cost"] = {t: {"batch": 2} for t in ("segmentation", "reconstruction")}
     p["report"]["overlay_slices"] = 2
     return p
 
@@ -114,7 +117,11 @@ def test_flow_writes_every_output(project: Path):
     )
     assert "test" in metrics["baselines"]["threshold"]
     report = (project / "reports/report.md").read_text()
-    assert "ensemble" in report and "threshold baseline" in report
+    from stages.report import readme_blocks
+
+    blocks = readme_blocks(project / "reports")
+    assert blocks["segmentation"] in report and blocks["reconstruction"] in report
+    assert "| threshold baseline (multi-Otsu, no learning) | 0 | — |" in blocks["segmentation"]
     for fig in ("loss_curves", "per_class_dice", "overlays", "gain_cost"):
         png = project / f"reports/figures/segmentation_{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -130,8 +137,9 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     p = params["ensemble"][task]
     metrics = json.loads((project / f"reports/{task}/metrics.json").read_text())
     assert set(metrics["methods"]) == {p["method"], *p["compare"]}
-    for scores in metrics["methods"].values():
+    for name, scores in metrics["methods"].items():
         assert {"val", "crossfit", "test"} <= set(scores)
+        assert key in scores["crossfit"], f"{task} {name}: not cross-fitted"
     details = json.loads((project / f"reports/{task}/ensemble.json").read_text())
     sizes = details["sizes"]
     assert [s["size"] for s in sizes] == list(range(1, len(metrics["models"]) + 1))
@@ -139,10 +147,16 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     assert set(details["leave_one_out"]) == set(metrics["models"])
     cost = json.loads((project / f"reports/{task}/cost.json").read_text())
     assert [s["size"] for s in cost["sizes"]] == [s["size"] for s in sizes]
-    for row in cost["sizes"]:
-        assert row["latency_s"] > 0 and row["members_latency_sum_s"] > 0
-        assert row["peak_memory_mb"] >= 0
-    assert cost["recommendation"]
+    from mri_ensemble.cost import recommend
+    from mri_ensemble.ensemble import ensemble_members
+
+    assert set(cost["member_macs"]) == set(metrics["models"])
+    for row, size in zip(cost["sizes"], sizes, strict=True):
+        runs = ensemble_members(size["weights"])
+        assert row["macs"] == pytest.approx(sum(cost["member_macs"][m] for m in runs))
+    assert all(m > 0 for m in cost["member_macs"].values())
+    assert cost["recommendation"] == recommend(cost["sizes"], key)
+    assert "latency" not in json.dumps(cost), "machine timings stay out of the outputs"
     report = (project / "reports/report.md").read_text()
     assert cost["recommendation"] in report and f"figures/{task}_pareto.png" in report
     png = project / f"reports/figures/{task}_pareto.png"
@@ -224,8 +238,7 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
             "WHERE t.key='task' AND t.value=? AND r.name LIKE 'ensemble-%'",
             (task,),
         ).fetchall()
-        # one child run per ensemble method, all with the same metric names (the tiny
-        # segmentation val set holds one patient: nothing to cross-fit there)
+        # one child run per ensemble method, all with the same metric names
         assert sorted(n for _, n in ens_runs) == sorted(f"ensemble-{m}" for m in methods)
         scores = json.loads((project / f"reports/{task}/metrics.json").read_text())["methods"]
         for run_id, name in ens_runs:
@@ -233,10 +246,8 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
             ens_keys = {
                 k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (run_id,))
             }
-            crossfit = (
-                {f"crossfit_{key}"} if scores[name.removeprefix("ensemble-")]["crossfit"] else set()
-            )
-            assert {f"val_{key}", f"test_{key}", *crossfit} <= ens_keys
+            assert scores[name.removeprefix("ensemble-")]["crossfit"]
+            assert {f"val_{key}", f"test_{key}", f"crossfit_{key}", "search_seconds"} <= ens_keys
     (unet,) = [r for r, n in runs.items() if n == "unet"]
     steps = db.execute(
         "SELECT key, step FROM metrics WHERE run_uuid=? AND key IN ('train_loss','val_loss')",
@@ -254,6 +265,62 @@ def test_second_run_is_a_noop(project: Path):
     assert mtimes(project) == before
     log = out.stdout + out.stderr
     assert "up to date in" in log and " ran in " not in log
+
+
+def lock_outs(lock: dict, stage: str) -> dict[str, str]:
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
+
+
+def test_forced_rerun_rewrites_identical_bytes(project: Path, tmp_path: Path):
+    """HDF5, checkpoints, predictions and JSON reproduce byte for byte: a forced rerun of a
+    branch (augment, train, evaluate, ensemble, cost) leaves dvc.lock and git-kept files
+    as they were. The trainings run with the flow's thread count."""
+    copy = tmp_path / "proj"
+    shutil.copytree(project, copy, symlinks=True)
+    kept = ("dvc.lock", "reports/segmentation/metrics.json", "reports/segmentation/cost.json",
+            "reports/segmentation/history/unet.csv")  # fmt: skip
+    before = {f: (copy / f).read_bytes() for f in kept}
+    threads = str(max(1, (os.cpu_count() or 1) // 7))  # the tiny flow trains 7 models at once
+    stages = ["augment@segmentation", "train@segmentation-unet", "evaluate@segmentation-unet"]
+    env = {**env_for(copy), "MRI_ENSEMBLE_THREADS": threads}
+    proc = subprocess.run(["dvc", "repro", "-f", "-s", *stages], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sh(["dvc", "repro", "-f", "-s", "ensemble@segmentation", "cost@segmentation"], copy)
+    changed = [f for f in kept if (copy / f).read_bytes() != before[f]]
+    assert not changed, f"a forced rerun rewrote {changed}"
+
+
+def test_run_cache_restores_a_training_without_running_it(project: Path, tmp_path: Path):
+    """With dvc.lock and the outputs gone (a fresh clone after `dvc pull --run-cache`), the
+    run-cache alone restores the trained model: no training runs, same checksums."""
+    copy = tmp_path / "proj"
+    shutil.copytree(project, copy, symlinks=True)
+    stage = "train@segmentation-unet"
+    lock = yaml.safe_load((copy / "dvc.lock").read_text())
+    expected = lock_outs(lock, stage)
+    (copy / "dvc.lock").unlink()
+    shutil.rmtree(copy / "models/segmentation/unet")
+    (copy / "reports/segmentation/history/unet.csv").unlink()
+    out = sh(["dvc", "repro", "-s", stage], copy)
+    log = out.stdout + out.stderr
+    assert f"Stage '{stage}' is cached - skipping run" in log, log[-2000:]
+    assert "epoch 1/" not in log
+    assert lock_outs(yaml.safe_load((copy / "dvc.lock").read_text()), stage) == expected
+    assert (copy / "reports/segmentation/history/unet.csv").is_file()
+    assert sh(["dvc", "status", stage], copy).stdout.strip().endswith("up to date.")
+
+
+def test_every_training_stage_is_run_cacheable(project: Path):
+    """DVC skips its run-cache for a stage with a plain `cache: false` out."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        for stage in repo.index.stages:
+            if stage.name.split("@")[0] in ("train", "evaluate", "ensemble"):
+                plain = [o.def_path for o in stage.outs
+                         if not o.use_cache and not (o.is_metric or o.is_plot)]  # fmt: skip
+                assert not plain, f"{stage.name}: uncached outs {plain} disable the run-cache"
 
 
 def test_one_model_param_change_makes_only_that_model_stale(project: Path):

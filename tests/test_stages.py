@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from mri_ensemble import ensemble
 from mri_ensemble.data.phantom import write_acdc_phantom
+from mri_ensemble.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,3 +224,33 @@ def test_mixup_on_a_reconstruction_model_is_one_line(tmp_path):
     )  # fmt: skip
     one_line_error(proc, "reconstruction-varnet.mixup_alpha needs a multi-class segmentation")
     assert not (tmp_path / "m").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "folds, ok", [(0, True), (2, True), (1, False), (-1, False), (True, False)]
+)
+def test_crossfit_folds_zero_is_the_only_way_to_skip_cross_fitting(folds, ok):
+    from stages.ensemble import search_configs
+
+    p = {"method": "mean", "crossfit_folds": folds}
+    if ok:
+        assert search_configs(p, "segmentation", 0)[1] == folds
+    else:
+        with pytest.raises(ConfigError, match="crossfit_folds should be an int >= 2 \\(or 0"):
+            search_configs(p, "segmentation", 0)
+
+
+def test_a_val_split_of_one_case_is_an_error_unless_cross_fitting_is_off():
+    from stages.ensemble import run_method
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, (4, 8, 8)).astype(np.uint8)
+    probs = rng.dirichlet(np.ones(4), (2, 4, 8, 8)).transpose(0, 1, 4, 2, 3).astype(np.float32)
+    obj = ensemble.SegmentationObjective(probs, target, np.array(["p1"] * 4))
+    t = {"objs": {"val": obj, "test": obj}, "names": ["background", "RV", "myocardium", "LV"]}
+    cfg = ensemble.SearchConfig("mean")
+    with pytest.raises(
+        DataError, match="ensemble@segmentation: method 'mean': cross-fitting needs"
+    ):
+        run_method("segmentation", t, cfg, 3, ["a", "b"])
+    assert run_method("segmentation", t, cfg, 0, ["a", "b"])["crossfit"] == {}
