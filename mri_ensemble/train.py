@@ -151,10 +151,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(exc))
-        what = f"it names {found.group(1)}" if found else "it holds other objects"
+        if found is None:  # not a pickle of ours at all: corrupt
+            raise DataError(f"{path}: unreadable checkpoint (UnpicklingError)") from exc
         raise DataError(
-            f"{path}: refused: a checkpoint may hold only tensors and plain types, {what} "
-            "(code that unpickling would run)"
+            f"{path}: refused: a checkpoint may hold only tensors and plain types, it names "
+            f"{found.group(1)} (code that unpickling would run)"
         ) from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         first = str(exc).splitlines()[0] if str(exc) else ""
