@@ -17,3 +17,8 @@ class ConfigError(PipelineError, ValueError):
 
     The message names the key and says what was expected and what was found.
     """
+
+
+class OutputError(PipelineError):
+    """An output the pipeline refuses to write: it would replace an input, or another run
+    is writing it now. The message names the path."""

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mri_ensemble.data.acdc import list_patients, read_acdc, split_patients
-from mri_ensemble.data.fastmri import list_fastmri, prepare_volume, read_fastmri
+from mri_ensemble.data.acdc import split_patients, verify_acdc
+from mri_ensemble.data.fastmri import list_fastmri, prepare_volume, read_fastmri, verify_fastmri
 from mri_ensemble.data.folder import BINARY_CLASSES, list_pairs, read_folder
 from mri_ensemble.data.phantom import write_acdc_phantom
 from mri_ensemble.data.prepared import class_frequencies, write_segmentation_h5
@@ -59,8 +59,7 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
         class_names = list(p.get("class_names") or BINARY_CLASSES)
         if mask_mode != "labels" and len(class_names) != 2:
             raise ConfigError(f"params.yaml: mask_mode {mask_mode!r} gives 2 classes")
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as raw:
-        tmp.mkdir()
+    with tempfile.TemporaryDirectory() as raw:
         if source == "phantom":
             n = int(get(p, "n_patients", kind=int))
             root = Path(raw)
@@ -72,37 +71,42 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
                     f"params.yaml: ingest.segmentation.path must name the {source} folder"
                 )
             root = Path(p["path"])
+        # the whole dataset is read and checked before anything is written (all problems
+        # in one message), as nnU-Net's --verify_dataset_integrity does
         if source == "folder":
             cases = [name for name, _, _ in list_pairs(root)]
-        else:
-            cases = [f.name for f in list_patients(root)]
-        split = split_patients(cases, fractions, seed)
-        summary: dict = {"source": source, "patients": split, "slices": {}}
-        for name, members in split.items():
-            if source == "folder":
-                vols = read_folder(
+            by_case = {
+                v.case: [v]
+                for v in read_folder(
                     root,
-                    members,
+                    cases,
                     size=size,
                     mask_mode=mask_mode,
                     n_classes=len(class_names),
                     progress=True,
                 )
-                attrs: dict = {"source": source, "size": size, "seed": seed}
-            else:
-                spacing = float(get(p, "spacing_mm"))
-                vols = read_acdc(
-                    root, size=size, spacing_mm=spacing, patients=members, progress=True
-                )
-                attrs = {"source": source, "size": size, "spacing_mm": spacing, "seed": seed}
+            }
+            attrs: dict = {"source": source, "size": size, "seed": seed}
+        else:
+            spacing = float(get(p, "spacing_mm"))
+            by_case = verify_acdc(root, size=size, spacing_mm=spacing, progress=True)
+            cases = list(by_case)
+            attrs = {"source": source, "size": size, "spacing_mm": spacing, "seed": seed}
+    split = split_patients(cases, fractions, seed)
+    summary: dict = {"source": source, "patients": split, "slices": {}}
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, members in split.items():
+            vols = [v for m in members for v in by_case[m]]
             labels = np.concatenate([v.label for v in vols])
-            attrs.update(
+            split_attrs = dict(
+                attrs,
                 split=name,
                 class_names=json.dumps(class_names),
                 # pixel counts per class (effective-number weights of the weighted_ce loss)
                 class_counts=np.bincount(labels.ravel(), minlength=len(class_names)).tolist(),
             )
-            write_segmentation_h5(tmp / f"{name}.h5", vols, attrs)
+            write_segmentation_h5(tmp / f"{name}.h5", vols, split_attrs)
             summary["slices"][name] = int(labels.shape[0])
             if name == "train":
                 freq = class_frequencies(labels, len(class_names))
@@ -142,6 +146,8 @@ def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
             if not p.get("path"):
                 raise ConfigError("params.yaml: ingest.reconstruction.path must name a folder")
             files = list_fastmri(Path(p["path"]))
+            # every file checked before any is prepared: all problems in one message
+            verify_fastmri(files, (size[0], size[1]), coils, progress=True)
         by_name = {f.stem: f for f in files}
         split = split_patients(list(by_name), fractions, seed)
         summary: dict = {"source": source, "volumes": split, "slices": {}, "baselines": {}}

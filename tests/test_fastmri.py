@@ -205,7 +205,10 @@ def test_coil_compression_keeps_rss_energy_of_low_rank_coils() -> None:
 
 def test_prepare_volume_errors() -> None:
     f = _file(np.ones((1, 4, 10, 10)))
-    with pytest.raises(DataError, match=r"^/data/vol.h5: has 4 coils, fewer than coils=8"):
+    with pytest.raises(
+        DataError,
+        match=r"^/data/vol.h5: has 4 coils; the models need multi-coil data with at least coils=8",
+    ):
         prepare_volume(f, (8, 8), 8)
     with pytest.raises(DataError, match=r"^/data/vol.h5: expected images of at least 12 x 8"):
         prepare_volume(f, (12, 8), 4)

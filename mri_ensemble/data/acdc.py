@@ -20,12 +20,14 @@ linear, label: nearest neighbour; slices are never interpolated across), intensi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -41,7 +43,14 @@ logger = logging.getLogger(__name__)
 
 PHASES: tuple[str, str] = ("ED", "ES")
 LABEL_VALUES: tuple[int, ...] = (0, 1, 2, 3)
-_PATIENT_RE = re.compile(r"^patient\d+$")
+_PATIENT_RE = re.compile(r"^patient\d+$", re.IGNORECASE)  # patient001, Patient001, PATIENT001
+# What a clinical MRI voxel can measure, mm per axis: smaller in-plane sizes are micrometre
+# headers read as mm (or a scale error), larger ones not an MRI slice at all.
+INPLANE_SPACING_MM: tuple[float, float] = (0.05, 20.0)
+THROUGHPLANE_SPACING_MM: tuple[float, float] = (0.05, 100.0)
+MIN_INPLANE_PX = 4  # fewer pixels per in-plane axis than this cannot show a structure
+MAX_RESAMPLED_PX = 4096  # per in-plane axis after resampling to spacing_mm
+LABEL_MAP_VALUES = 4  # an integer image with at most this many distinct values is a label map
 _NIFTI_ERRORS = (
     ImageFileError,
     HeaderDataError,
@@ -80,18 +89,27 @@ def list_patients(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"ACDC root {root}: expected an existing folder, found nothing there")
     found: dict[str, Path] = {}
+    skipped: list[str] = []
     for parent in (root, root / "training", root / "testing"):
         if not parent.is_dir():
             continue
-        for child in parent.iterdir():
-            if not (child.is_dir() and _PATIENT_RE.match(child.name)):
+        for child in sorted(parent.iterdir()):
+            if not child.is_dir() or child.name in ("training", "testing"):
                 continue
-            if child.name in found:
+            if not _PATIENT_RE.match(child.name):
+                skipped.append(child.name)
+                continue
+            key = child.name.lower()  # Patient005 and patient005 are one patient
+            if key in found:
                 raise DataError(
                     f"ACDC root {root}: patient {child.name} found twice "
-                    f"({found[child.name]} and {child}); expected unique patient names"
+                    f"({found[key]} and {child}); expected unique patient names"
                 )
-            found[child.name] = child
+            found[key] = child
+    if skipped:
+        logger.warning(
+            "ACDC root %s: skipped folders %s (not patientNNN)", root, ", ".join(skipped[:10])
+        )
     if not found:
         raise DataError(
             f"ACDC root {root}: expected patient folders (patientNNN/) in it or in its "
@@ -188,7 +206,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
         if not isinstance(img, SpatialImage):
             raise ImageFileError(f"not an image file ({type(img).__name__})")
         data = np.asarray(img.dataobj)
-        zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())
+        zooms = tuple(round(z, 6) for z in raw_zooms(path, img))
     except _NIFTI_ERRORS as exc:
         msg = str(exc).splitlines()[0].replace(str(path), path.name) if str(exc) else ""
         msg = msg or type(exc).__name__
@@ -202,6 +220,76 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms[:3]):
         raise DataError(f"{path}: expected 3 positive voxel sizes, found zooms {zooms}")
     return data, (zooms[0], zooms[1], zooms[2])
+
+
+def raw_zooms(path: Path, img: SpatialImage) -> tuple[float, ...]:
+    """Voxel sizes as the file's header stores them: nibabel replaces a pixdim of 0 with 1
+    on load, which would silently make an unknown voxel size 1 mm."""
+    try:
+        header_class: Any = type(img.header)
+        with nib.openers.ImageOpener(str(path)) as f:
+            header = header_class.from_fileobj(f, check=False)
+        return tuple(float(z) for z in header.get_zooms())
+    except (AttributeError, TypeError, *_NIFTI_ERRORS):
+        return tuple(float(z) for z in img.header.get_zooms())
+
+
+def check_plausible(
+    path: Path,
+    shape_xy: tuple[int, int],
+    zooms: Sequence[float],
+    *,
+    through_plane: bool = True,
+) -> None:
+    """DataError naming ``path`` and the value unless the voxel sizes (dx, dy[, dz]) mm lie
+    in :data:`INPLANE_SPACING_MM` / :data:`THROUGHPLANE_SPACING_MM` and each in-plane axis
+    has at least :data:`MIN_INPLANE_PX` pixels."""
+    ranges = [("dx", INPLANE_SPACING_MM), ("dy", INPLANE_SPACING_MM)]
+    if through_plane:
+        ranges.append(("dz", THROUGHPLANE_SPACING_MM))
+    for (axis, (lo, hi)), z in zip(ranges, zooms, strict=False):
+        if not (np.isfinite(z) and lo <= z <= hi):
+            raise DataError(
+                f"{path}: voxel size {axis} = {z:g} mm is implausible for MRI "
+                f"(expected {lo:g} to {hi:g} mm; a header in micrometres, or none?)"
+            )
+    if min(shape_xy) < MIN_INPLANE_PX:
+        raise DataError(
+            f"{path}: in-plane size {shape_xy[0]} x {shape_xy[1]} is too small to segment "
+            f"(expected at least {MIN_INPLANE_PX} x {MIN_INPLANE_PX} pixels)"
+        )
+
+
+def check_not_label_map(path: Path, data: np.ndarray, dtype: np.dtype) -> None:
+    """DataError if an integer image has at most :data:`LABEL_MAP_VALUES` distinct values:
+    it is a label map (e.g. a ``_gt`` file) given as the image."""
+    if np.dtype(dtype).kind not in "biu":
+        return
+    values = np.unique(data)
+    if values.size <= LABEL_MAP_VALUES:
+        shown = ", ".join(f"{v:g}" for v in values.tolist())
+        raise DataError(
+            f"{path}: looks like a label map, not a scan (integer image with only "
+            f"{values.size} distinct values: {shown}); pass the image, not its _gt labels"
+        )
+
+
+def resampled_hw(
+    path: Path | str, shape_hw: tuple[int, int], spacing_hw: tuple[float, float], target: float
+) -> tuple[int, int]:
+    """(H, W) after :func:`resample_inplane` to ``target`` mm; DataError naming ``path``
+    when either exceeds :data:`MAX_RESAMPLED_PX` (an implausible field of view)."""
+    hw = (
+        max(1, round(shape_hw[0] * spacing_hw[0] / target)),
+        max(1, round(shape_hw[1] * spacing_hw[1] / target)),
+    )
+    if max(hw) > MAX_RESAMPLED_PX:
+        raise DataError(
+            f"{path}: resampled to {target:g} mm the image would be {hw[0]} x {hw[1]} pixels "
+            f"(limit {MAX_RESAMPLED_PX}); its field of view "
+            f"{shape_hw[0] * spacing_hw[0]:g} x {shape_hw[1] * spacing_hw[1]:g} mm is not an MRI slice"
+        )
+    return hw
 
 
 def _frame_path(folder: Path, stem: str) -> Path:
@@ -236,6 +324,9 @@ def _read_phase(
         )
     if not np.all(np.isfinite(image)):
         raise DataError(f"{image_path}: expected finite intensities, found NaN or Inf values")
+    check_plausible(image_path, (image.shape[0], image.shape[1]), zooms)
+    check_not_label_map(image_path, image, image.dtype)
+    resampled_hw(image_path, (image.shape[1], image.shape[0]), (zooms[1], zooms[0]), spacing_mm)
     values = np.unique(label)
     bad = values[~np.isin(values, LABEL_VALUES)]
     if bad.size:
@@ -332,6 +423,49 @@ def read_acdc(
         volumes.extend(read_patient(folder, size=size, spacing_mm=spacing_mm))
     logger.info("read %d volumes of %d patients from %s", len(volumes), len(folders), root)
     return volumes
+
+
+def verify_acdc(
+    root: Path, *, size: int, spacing_mm: float, progress: bool = False
+) -> dict[str, list[Volume]]:
+    """Read every patient under ``root`` in one pass before anything is written, like
+    nnU-Net's ``--verify_dataset_integrity``: every file's readability, shape, voxel sizes,
+    intensities and labels, and no scan under two patient ids (identical voxel data).
+
+    Returns ``{patient: [ED, ES]}``; one DataError listing every problem found (each
+    naming its file) otherwise.
+    """
+    _check_geometry(size, spacing_mm)
+    folders = list_patients(Path(root))
+    problems: list[str] = []
+    out: dict[str, list[Volume]] = {}
+    seen: dict[str, tuple[str, Path, str]] = {}
+    for folder in tqdm(
+        folders, desc="verify ACDC", unit="patient", disable=None if progress else True
+    ):
+        try:
+            vols = read_patient(folder, size=size, spacing_mm=spacing_mm)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        out[folder.name] = vols
+        for v in vols:
+            digest = hashlib.sha256(v.image.tobytes() + str(v.image.shape).encode()).hexdigest()
+            first = seen.get(digest)
+            if first is not None and first[0] != v.patient:
+                problems.append(
+                    f"{folder}: the {v.phase} image is identical to the {first[2]} image of "
+                    f"{first[1]} (the same scan under patient ids {first[0]} and {v.patient}: "
+                    "a leak between splits)"
+                )
+            seen.setdefault(digest, (v.patient, folder, v.phase))
+    if problems:
+        raise DataError(
+            f"ACDC root {root}: {len(problems)} problem(s) in {len(folders)} patients, "
+            f"nothing written: {' | '.join(problems)}"
+        )
+    logger.info("verified %d patients under %s", len(folders), root)
+    return out
 
 
 def split_patients(

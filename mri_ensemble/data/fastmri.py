@@ -23,6 +23,7 @@ SVD coil compression).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class FastMRIFile:
     attrs: dict[str, Any] = field(default_factory=dict)
     header: bytes | None = None
     mask: np.ndarray | None = None  # (W,) bool of already-undersampled (test) files
+    single_coil: bool = False  # the file's kspace was 3-D (S, H, W), read as one coil
 
     @property
     def n_slices(self) -> int:
@@ -73,17 +75,39 @@ class FastMRIFile:
         return int(self.kspace.shape[1])
 
 
-def list_fastmri(root: Path) -> list[Path]:
-    """The ``*.h5`` files directly in ``root``, sorted by name.
+HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")  # any case: .H5, .HDF5
 
-    Raises DataError when ``root`` is not an existing folder or holds no ``.h5`` file.
+
+def list_fastmri(root: Path) -> list[Path]:
+    """The HDF5 files (``.h5`` / ``.hdf5``, any case) directly in ``root``, sorted by name;
+    other files are named in a warning as skipped.
+
+    Raises DataError when ``root`` is not an existing folder, holds no HDF5 file, or two
+    files share a volume name (``a.h5`` and ``a.hdf5``).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"fastMRI root {root}: expected an existing folder, found nothing there")
-    files = sorted(p for p in root.glob("*.h5") if p.is_file())
+    entries = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [p for p in entries if p.suffix.lower() in HDF5_SUFFIXES]
+    skipped = [p.name for p in entries if p.suffix.lower() not in HDF5_SUFFIXES]
+    if skipped:
+        logger.warning(
+            "fastMRI root %s: skipped %d files that are not .h5/.hdf5: %s",
+            root,
+            len(skipped),
+            ", ".join(skipped[:10]),
+        )
     if not files:
-        raise DataError(f"fastMRI root {root}: expected fastMRI .h5 files in it, found none")
+        raise DataError(f"fastMRI root {root}: expected fastMRI .h5/.hdf5 files in it, found none")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise DataError(
+                f"fastMRI root {root}: {stems[f.stem].name} and {f.name} name the same volume "
+                f"{f.stem!r}; keep one"
+            )
+        stems[f.stem] = f
     return files
 
 
@@ -149,6 +173,7 @@ def _read(path: Path, hf: h5py.File) -> FastMRIFile:
         raise DataError(f"{path}: expected finite kspace values, found {bad}")
     single_coil = kspace.ndim == 3
     if single_coil:
+        logger.info("%s: kspace %s is 3-D, read as single-coil", path.name, kspace.shape)
         kspace = kspace[:, None]  # (S, H, W) -> (S, 1, H, W)
     target = _read_target(path, hf, kspace.shape[0], single_coil)
     header: bytes | None = None
@@ -167,8 +192,19 @@ def _read(path: Path, hf: h5py.File) -> FastMRIFile:
                 f"found {mask.size}"
             )
         mask = mask.astype(bool)
+        if not mask.any():
+            raise DataError(
+                f"{path}: expected a mask with at least one sampled line, found none of "
+                f"{mask.size} sampled"
+            )
     return FastMRIFile(
-        path=path, kspace=kspace, target=target, attrs=attrs, header=header, mask=mask
+        path=path,
+        kspace=kspace,
+        target=target,
+        attrs=attrs,
+        header=header,
+        mask=mask,
+        single_coil=single_coil,
     )
 
 
@@ -260,6 +296,22 @@ def coil_compression_matrix(coil_images: np.ndarray, n_coils: int) -> np.ndarray
     return vecs.conj().T.astype(np.complex64)  # (n_coils, C)
 
 
+def check_coils(f: FastMRIFile, n_coils: int) -> None:
+    """DataError naming the file when it has fewer coils than ``n_coils`` (the models are
+    trained on ``n_coils`` virtual coils: they need multi-coil data)."""
+    if f.n_coils >= n_coils:
+        return
+    if f.single_coil:
+        raise DataError(
+            f"{f.path}: kspace is 3-D (S, H, W), read as single-coil data; the models "
+            f"need multi-coil data, kspace (S, C, H, W) with at least coils={n_coils} coils"
+        )
+    raise DataError(
+        f"{f.path}: has {f.n_coils} coils; the models need multi-coil data with at least "
+        f"coils={n_coils} coils"
+    )
+
+
 def prepare_volume(
     f: FastMRIFile, size: tuple[int, int], n_coils: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -291,8 +343,7 @@ def prepare_volume(
         raise DataError(
             f"{f.path}: expected images of at least {size[0]} x {size[1]} pixels, found {h} x {w}"
         )
-    if c < n_coils:
-        raise DataError(f"{f.path}: has {c} coils, fewer than coils={n_coils}")
+    check_coils(f, n_coils)
     images = _center_crop(ifft2c(f.kspace), size).astype(np.complex64)  # (S, C, H, W)
     if f.target is not None and f.target.shape == (s, *size):
         target = f.target.astype(np.float32)
@@ -304,3 +355,61 @@ def prepare_volume(
         logger.debug("%s: compressed %d coils to %d", f.path.name, c, n_coils)
     kspace = np.ascontiguousarray(fft2c(images), dtype=np.complex64)
     return kspace, target
+
+
+def check_signal(f: FastMRIFile) -> float:
+    """The largest k-space magnitude (float64); DataError naming the file when it is 0 (no
+    signal: the networks would invent an image from their biases) or a slice is all zero."""
+    peak = np.abs(f.kspace).reshape(f.n_slices, -1).max(axis=1).astype(np.float64)  # (S,)
+    if not peak.max() > 0:
+        raise DataError(f"{f.path}: kspace is all zero (no signal to reconstruct)")
+    empty = np.flatnonzero(peak == 0)
+    if empty.size:
+        raise DataError(
+            f"{f.path}: kspace of slice {int(empty[0])} is all zero "
+            f"({empty.size} of {f.n_slices} slices without signal)"
+        )
+    return float(peak.max())
+
+
+def verify_fastmri(
+    files: list[Path], size: tuple[int, int], n_coils: int, progress: bool = False
+) -> None:
+    """Read every file once before anything is written (readable, complex, finite, with
+    signal, large enough, enough coils, fully sampled, no volume twice); one DataError
+    listing every problem found, each naming its file."""
+    from tqdm.auto import tqdm
+
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for path in tqdm(files, desc="verify fastMRI", leave=False, disable=None if progress else True):
+        try:
+            f = read_fastmri(path)
+            check_signal(f)
+            s, c, h, w = f.kspace.shape
+            if f.mask is not None and not f.mask.all():
+                raise DataError(
+                    f"{path}: k-space is already undersampled (a test/challenge file); "
+                    "ingest needs fully-sampled files (fastMRI train/val)"
+                )
+            if h < size[0] or w < size[1]:
+                raise DataError(
+                    f"{path}: expected images of at least {size[0]} x {size[1]} pixels, "
+                    f"found {h} x {w}"
+                )
+            check_coils(f, n_coils)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        digest = hashlib.sha256(f.kspace.tobytes() + str(f.kspace.shape).encode()).hexdigest()
+        if digest in seen:
+            problems.append(
+                f"{path}: kspace identical to {seen[digest]} (the same scan under two volume "
+                "names: a leak between splits)"
+            )
+        seen.setdefault(digest, path)
+    if problems:
+        raise DataError(
+            f"{len(problems)} problem(s) in {len(files)} fastMRI files, nothing written: "
+            f"{' | '.join(problems)}"
+        )

@@ -102,11 +102,16 @@ def read_folder(
         raise ConfigError(f"mask_mode {mask_mode!r} unknown; known: {', '.join(MASK_MODES)}")
     pairs = {name: (img, mask) for name, img, mask in list_pairs(root)}
     out = []
+    problems: list[str] = []  # every bad file is reported at once, before anything is written
     for name in tqdm(names, desc="read images", leave=False, disable=None if progress else True):
         img_path, mask_path = pairs[name]
-        image = _load(img_path, "image", size, Image.Resampling.BILINEAR).astype(np.float32)
-        mask = _load(mask_path, "mask", size, Image.Resampling.NEAREST)
-        label = labels_from_mask(mask, mask_mode, mask_path, n_classes)
+        try:
+            image = _load(img_path, "image", size, Image.Resampling.BILINEAR).astype(np.float32)
+            mask = _load(mask_path, "mask", size, Image.Resampling.NEAREST)
+            label = labels_from_mask(mask, mask_mode, mask_path, n_classes)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
         out.append(
             Volume(
                 case=name,
@@ -118,5 +123,9 @@ def read_folder(
                 group="",
             )
         )
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{root}: {len(problems)} bad files: {' | '.join(problems)}")
     logger.info("read %d images from %s", len(out), root)
     return out
