@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, PipelineError
 
@@ -38,7 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", required=True, choices=["segmentation", "reconstruction"])
     p.add_argument("--input", required=True, type=Path, help="the file to predict on")
-    p.add_argument("--output", required=True, type=Path, help="where to write the result")
+    p.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="where to write the result; missing parent folders are created; never the "
+        "input itself; a run holds a lock on it, so a second run on the same output fails",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="one trained model (default: the ensemble)")
     which.add_argument("--ensemble", action="store_true", help="the weighted ensemble (default)")
@@ -76,6 +83,13 @@ def predict(args: argparse.Namespace) -> str:
         raise ConfigError(f"--batch-size: expected a positive integer, found {args.batch_size}")
     if args.pixel_mm is not None and kind != "image":
         raise ConfigError("--pixel-mm applies to PNG/JPEG inputs only (NIfTI has voxel sizes)")
+    pr.check_output(args.input, args.output)
+    pr.check_input(args.root, args.task, args.input, args.pixel_mm)  # before any model loads
+    with pr.output_lock(args.output):
+        return _run(args, pr)
+
+
+def _run(args: argparse.Namespace, pr: Any) -> str:
     predictor = pr.load_predictor(args.root, args.task, args.model, args.device)
     progress = not args.no_progress
     if args.task == "segmentation":

@@ -45,9 +45,13 @@ crop to ``size``, SVD coil compression to ``coils``):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import json
 import logging
+import os
+import shutil
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,11 +70,22 @@ from scipy import ndimage
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.acdc import center_crop_or_pad, normalize_intensity, resample_inplane
-from .data.fastmri import FastMRIFile, prepare_volume, read_fastmri
+from .data.acdc import (
+    INPLANE_SPACING_MM,
+    LABEL_MAP_VALUES,
+    MIN_INPLANE_PX,
+    center_crop_or_pad,
+    check_not_label_map,
+    check_plausible,
+    normalize_intensity,
+    raw_zooms,
+    resample_inplane,
+    resampled_hw,
+)
+from .data.fastmri import FastMRIFile, check_coils, check_signal, prepare_volume, read_fastmri
 from .data.folder import BINARY_CLASSES
 from .ensemble import combine, vote
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputError
 from .io import atomic_path
 from .metrics import CLASS_NAMES
 from .mri.fft import ifft2c, rss
@@ -484,9 +499,10 @@ def read_nifti(path: Path) -> NiftiScan:
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise ImageFileError(f"not a NIfTI image ({type(img).__name__})")
         data = np.asarray(img.dataobj)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
+        zooms = raw_zooms(path, img)  # as stored: nibabel turns a pixdim of 0 into 1
     except _NIFTI_ERRORS as exc:
         raise _nifti_error(path, exc) from exc
+    dtype = img.get_data_dtype()
     if data.ndim == 4:
         if data.shape[3] > 1:
             log.info("%s: 4-D (%s), using its first frame", path.name, data.shape)
@@ -508,6 +524,8 @@ def read_nifti(path: Path) -> NiftiScan:
         raise DataError(f"{path}: expected finite intensities, found NaN or Inf values")
     if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms[:3]):
         raise DataError(f"{path}: expected positive voxel sizes, found zooms {zooms}")
+    check_plausible(path, (data.shape[0], data.shape[1]), zooms[:3], through_plane=len(shape) == 3)
+    check_not_label_map(path, data, dtype)
     return NiftiScan(path, img, data, (zooms[0], zooms[1], zooms[2]), shape)
 
 
@@ -521,13 +539,21 @@ def read_slice_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as raw:
             raw.load()
-            return np.asarray(raw.convert("L"))
+            image = np.asarray(raw.convert("L"))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         first = str(exc).splitlines()[0].replace(str(path), path.name) if str(exc) else ""
         raise DataError(
             f"{path}: expected a readable PNG/JPEG image, found a corrupt one "
             f"({first or type(exc).__name__})"
         ) from exc
+    if min(image.shape) < MIN_INPLANE_PX:
+        raise DataError(
+            f"{path}: image size {image.shape[1]} x {image.shape[0]} is too small to segment "
+            f"(expected at least {MIN_INPLANE_PX} x {MIN_INPLANE_PX} pixels)"
+        )
+    if set(np.unique(image).tolist()) <= set(range(LABEL_MAP_VALUES)):  # class indices 0..3
+        check_not_label_map(path, image, image.dtype)
+    return image
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -613,7 +639,10 @@ def _resize(slices: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarra
 
 
 def to_network_grid(
-    slices: np.ndarray, spacing_hw: tuple[float, float] | None, settings: Mapping[str, Any]
+    slices: np.ndarray,
+    spacing_hw: tuple[float, float] | None,
+    settings: Mapping[str, Any],
+    name: str | Path = "input",
 ) -> tuple[np.ndarray, _Grid]:
     """Slices (S, H, W) as ingest prepares them -> (images (S, size, size) float32, grid).
 
@@ -636,6 +665,7 @@ def to_network_grid(
         )
         return images, _Grid(shape_hw, size, None, (size, size))
     ratio = (target / spacing_hw[0], target / spacing_hw[1])
+    resampled_hw(name, shape_hw, spacing_hw, target)  # bounded before anything is allocated
     resampled = resample_inplane(slices.astype(np.float32), spacing_hw, target, order=1)
     resampled = normalize_intensity(resampled)  # over the whole field of view, before cropping
     images = center_crop_or_pad(resampled, size, fill=float(resampled.min()))
@@ -705,9 +735,11 @@ def segment_slices(
     spacing_hw: tuple[float, float] | None,
     batch_size: int = 32,
     progress: bool = False,
+    name: str | Path = "input",
 ) -> np.ndarray:
-    """Labels uint8 (S, H, W) of slices (S, H, W) on their own grid (see the module doc)."""
-    images, grid = to_network_grid(slices, spacing_hw, predictor.settings)
+    """Labels uint8 (S, H, W) of slices (S, H, W) on their own grid (see the module doc);
+    ``name`` (the file) is what an implausible field of view is reported against."""
+    images, grid = to_network_grid(slices, spacing_hw, predictor.settings, name)
     return from_network_grid(predict_labels(predictor, images, batch_size, progress), grid)
 
 
@@ -718,7 +750,7 @@ def segment_nifti(
     scan = read_nifti(path)
     dx, dy, dz = scan.zooms
     slices = np.transpose(scan.data, (2, 1, 0))  # (x, y, z) -> (S, H, W)
-    slice_labels = segment_slices(predictor, slices, (dy, dx), batch_size, progress)
+    slice_labels = segment_slices(predictor, slices, (dy, dx), batch_size, progress, path)
     labels = np.transpose(slice_labels, (2, 1, 0)).reshape(scan.shape)  # back to (x, y[, z])
     return SegmentationResult(
         labels=np.ascontiguousarray(labels, np.uint8),
@@ -739,10 +771,9 @@ def segment_image(
 ) -> SegmentationResult:
     """Segment a PNG/JPEG slice (greyscale); labels (H, W). ``pixel_mm``: see the module doc."""
     image = read_slice_image(path)
-    if pixel_mm is not None and not (np.isfinite(pixel_mm) and pixel_mm > 0):
-        raise ConfigError(f"pixel size: expected a positive number of mm, found {pixel_mm}")
+    check_pixel_mm(pixel_mm)
     spacing = None if pixel_mm is None else (float(pixel_mm), float(pixel_mm))
-    labels = segment_slices(predictor, image[None], spacing, batch_size)
+    labels = segment_slices(predictor, image[None], spacing, batch_size, name=path)
     return SegmentationResult(
         labels=labels[0],
         slices=image[None].astype(np.float32),
@@ -932,13 +963,30 @@ def reconstruct_kspace(
 def reconstruct_file(
     predictor: Predictor, path: Path, batch_size: int = 4, progress: bool = False
 ) -> ReconstructionResult:
-    """Reconstruct a fastMRI HDF5 file (see the module doc for its mask)."""
+    """Reconstruct a fastMRI HDF5 file (see the module doc for its mask).
+
+    The k-space is divided by its peak magnitude in float64 first, and the images are
+    multiplied back in float64, so a file scaled by 1e-30 or 1e30 neither underflows nor
+    overflows float32 on the way; all-zero k-space and a non-finite or underflowing result
+    are refused (DataError naming the file) rather than written."""
     input_kind(path, "reconstruction")
     f = read_fastmri(Path(path))
+    peak = check_signal(f)
+    f = replace(
+        f,
+        kspace=(f.kspace.astype(np.complex128) / peak).astype(np.complex64),
+        target=None
+        if f.target is None
+        else (f.target.astype(np.float64) / peak).astype(np.float32),
+    )
     kspace, target, mask, source = prepare_input(f, predictor.settings, predictor.seed)
     masked = (kspace * mask).astype(np.complex64)  # (S, C, H, W)
-    recon = reconstruct_kspace(predictor, masked, mask, None, batch_size, progress)
-    zero = rss(ifft2c(masked)).astype(np.float32)  # (S, H, W)
+    recon = _rescale(
+        path, reconstruct_kspace(predictor, masked, mask, None, batch_size, progress), peak
+    )
+    zero = _rescale(path, rss(ifft2c(masked)), peak)  # (S, H, W)
+    if target is not None:
+        target = _rescale(path, target, peak)
     names = [m.name for m in predictor.members]
     return ReconstructionResult(
         reconstruction=recon,
@@ -953,12 +1001,36 @@ def reconstruct_file(
     )
 
 
+def _rescale(path: Path, images: np.ndarray, peak: float) -> np.ndarray:
+    """``images * peak`` computed in float64, as float32; DataError naming ``path`` when it is
+    not finite or underflows (a non-zero image that float32 cannot hold)."""
+    scaled = np.asarray(images, np.float64) * peak
+    out = scaled.astype(np.float32)
+    check_finite(path, out)
+    if np.any(scaled != 0) and not np.any(out != 0):
+        raise DataError(
+            f"{path}: the reconstruction underflows float32 (k-space peak {peak:.3g}); "
+            "rescale the file's k-space"
+        )
+    return out
+
+
+def check_finite(path: Path, images: np.ndarray) -> None:
+    """DataError naming ``path`` when ``images`` hold NaN or Inf: nothing is written."""
+    bad = int(np.size(images) - np.isfinite(images).sum())
+    if bad:
+        raise DataError(
+            f"{path}: the result has {bad} NaN/Inf values of {np.size(images)}; nothing written"
+        )
+
+
 def save_reconstruction(result: ReconstructionResult, out: Path) -> None:
     """Write the fastMRI submission layout: dataset ``reconstruction`` (S, H, W) float32,
     plus attributes (model, weights, input file, mask source, acceleration), atomically."""
     out = Path(out)
     if file_suffix(out) not in HDF5_SUFFIXES:
         raise ConfigError(f"{out}: a reconstruction output needs a .h5 name")
+    check_finite(result.path, result.reconstruction)
     try:
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as hf:
             hf.create_dataset("reconstruction", data=result.reconstruction.astype(np.float32))
@@ -978,3 +1050,93 @@ def save_reconstruction(result: ReconstructionResult, out: Path) -> None:
 def output_suffixes(kind: InputKind) -> Sequence[str]:
     """The output names that fit an input kind."""
     return {"nifti": NIFTI_SUFFIXES, "image": (".png",), "hdf5": HDF5_SUFFIXES}[kind]
+
+
+# ---------------------------------------------------------------------------- checks up front
+
+
+def check_pixel_mm(pixel_mm: float | None) -> None:
+    """ConfigError unless ``pixel_mm`` is None or a plausible in-plane pixel size (mm)."""
+    lo, hi = INPLANE_SPACING_MM
+    if pixel_mm is not None and not (np.isfinite(pixel_mm) and lo <= pixel_mm <= hi):
+        raise ConfigError(
+            f"--pixel-mm: expected a pixel size from {lo:g} to {hi:g} mm, found {pixel_mm}"
+        )
+
+
+def check_input(root: Path, task: str, path: Path, pixel_mm: float | None = None) -> None:
+    """Read and check ``path`` before any model is loaded or anything computed: readable,
+    of the task's kind, physically plausible (voxel sizes, in-plane size, resampled size,
+    not a label map), with signal and enough coils (reconstruction). DataError or
+    ConfigError naming the file (or the option) and the value."""
+    kind = input_kind(path, task)
+    settings = _ingest_settings(load_project_params(root), task)
+    if kind == "nifti":
+        scan = read_nifti(path)
+        dx, dy, _ = scan.zooms
+        if settings.get("source") != "folder" and "spacing_mm" in settings:
+            target = float(settings["spacing_mm"])
+            resampled_hw(path, (scan.data.shape[1], scan.data.shape[0]), (dy, dx), target)
+    elif kind == "image":
+        read_slice_image(path)
+        check_pixel_mm(pixel_mm)
+    else:
+        f = read_fastmri(path)
+        check_signal(f)
+        _, coils, _, _ = _recon_settings(settings)
+        check_coils(f, coils)
+
+
+def check_output(inp: Path, out: Path) -> None:
+    """OutputError when ``out`` is, or resolves to, the input file ``inp`` (the same path,
+    a symlink or a hard link to it): predict never replaces what it was given."""
+    same = Path(inp).resolve() == Path(out).resolve()
+    if not same and Path(out).exists():
+        try:
+            same = os.path.samefile(inp, out)
+        except OSError:
+            same = False
+    if same:
+        raise OutputError(
+            f"--output {out}: is the input file {inp}; predict never overwrites its input, "
+            "choose another name"
+        )
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on output ``out`` (``flock`` on the sibling ``.<name>.lock``)
+    while a run writes it, so two runs on one output cannot both report success: the second
+    fails at once with OutputError. Under the lock, temporaries that a killed run left
+    (``.<name>.*.tmp``, :func:`~mri_ensemble.io.atomic_path`'s names) are removed. The
+    output's missing parent folders are created."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(
+                f"--output {out}: another run is writing it now (lock {lock_path.name} held); "
+                "wait for it or choose another name"
+            ) from None
+        try:  # the holder before us may have removed the lock file: lock the current one
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):
+            log.warning("removing %s, left by a run that was killed", stale)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
