@@ -404,14 +404,46 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
     return "\n".join(lines)
 
 
+def methods_block(metrics: dict[str, dict]) -> str:
+    """Every ensemble method of every task: val in-sample / cross-fitted / test."""
+    tasks = list(metrics)
+    keys = {t: RESULT_COLUMNS[t][0][1] for t in tasks}
+    names = list(dict.fromkeys(n for t in tasks for n in metrics[t]["methods"]))
+    lines = [
+        "| method | "
+        + " | ".join(
+            f"{t}: val {RESULT_COLUMNS[t][0][2].split()[-1]} in-sample / cross-fitted / test"
+            for t in tasks
+        )
+        + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for name in names:
+        cells = []
+        for t in tasks:
+            m = metrics[t]["methods"].get(name)
+            cells.append(
+                " / ".join(_cell(m[split], keys[t]) for split in ("val", "crossfit", "test"))
+                if m
+                else "—"
+            )
+        shipped = [t for t in tasks if metrics[t]["ensemble"]["method"] == name]
+        label = f"**{name}** (shipped)" if len(shipped) == len(tasks) else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def readme_blocks(reports: Path) -> dict[str, str]:
-    """Per task with a committed metrics.json: its results block."""
-    out = {}
+    """Per task with a committed metrics.json its results block, and the methods table."""
+    out, metrics = {}, {}
     for task in RESULT_COLUMNS:
         metrics_file, cost_file = reports / task / "metrics.json", reports / task / "cost.json"
         if metrics_file.is_file():
             cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
-            out[task] = results_block(task, json.loads(metrics_file.read_text()), cost)
+            metrics[task] = json.loads(metrics_file.read_text())
+            out[task] = results_block(task, metrics[task], cost)
+    if metrics:
+        out["methods"] = methods_block(metrics)
     return out
 
 
@@ -489,7 +521,7 @@ def main() -> None:
     ]
     sections = {"segmentation": segmentation_section, "reconstruction": reconstruction_section}
     for task, body in readme_blocks(args.reports).items():
-        lines += [f"## Summary: {task}", "", body, ""]
+        lines += [f"## Summary: {'ensemble methods' if task == 'methods' else task}", "", body, ""]
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
         for task, section in sections.items():

@@ -39,7 +39,8 @@ def tiny_params() -> dict:
     p["train"]["segmentation-attention_unet"]["net"]["channels"] = [4, 8, 16]
     p["train"]["segmentation-unetpp"]["net"]["features"] = [4, 4, 8, 8, 16, 4]
     recon = p["ingest"]["reconstruction"]
-    recon.update(coils=4, size=[56, 48])
+    # 6 volumes split 3/2/1: two val volumes, so cross-fitting runs end to end
+    recon.update(coils=4, size=[56, 48], split={"train": 0.5, "val": 0.34, "test": 0.16})
     recon["simulation"].update(pixel_mm=4.0, slices_per_volume=2, slice_step_mm=8.0)
     recon["mask"]["center_fractions"] = [0.16]  # 8 ACS lines at W = 48 (GRAPPA kernel 5)
     small = {"cascades": 1, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2}
