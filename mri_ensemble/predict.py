@@ -495,7 +495,8 @@ def read_nifti(path: Path) -> NiftiScan:
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
     try:
-        img = nib.load(path, mmap=False)
+        with nib.imageglobals.LoggingOutputSuppressor():  # pixdim 0: refused below
+            img = nib.load(path, mmap=False)
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise ImageFileError(f"not a NIfTI image ({type(img).__name__})")
         data = np.asarray(img.dataobj)
@@ -900,16 +901,20 @@ def prepare_input(
         mask = volume_mask(spec, kspace.shape[-1], seed, f.path.stem)
         return kspace, target, mask, "params"
     assert f.mask is not None
-    if f.kspace.shape[-1] != size[1]:
-        raise DataError(
-            f"{f.path}: already undersampled k-space {f.kspace.shape[-1]} columns wide; "
-            f"the models need width {size[1]} (ingest.reconstruction.size), and cropping the "
-            "phase-encode axis would mix acquired and missing lines"
-        )
+    _check_undersampled_width(f, size[1])
     kspace, _ = prepare_volume(replace(f, mask=None), size, coils)
     kspace = kspace * f.mask  # cropping along H and coil compression keep missing lines at 0
     keep = f.target is not None and f.target.shape == (f.n_slices, *size)
     return kspace.astype(np.complex64), f.target if keep else None, f.mask.copy(), "file"
+
+
+def _check_undersampled_width(f: FastMRIFile, width: int) -> None:
+    if f.mask is not None and not f.mask.all() and f.kspace.shape[-1] != width:
+        raise DataError(
+            f"{f.path}: already undersampled k-space {f.kspace.shape[-1]} columns wide; "
+            f"the models need width {width} (ingest.reconstruction.size), and cropping the "
+            "phase-encode axis would mix acquired and missing lines"
+        )
 
 
 @torch.no_grad()
@@ -1083,8 +1088,9 @@ def check_input(root: Path, task: str, path: Path, pixel_mm: float | None = None
     else:
         f = read_fastmri(path)
         check_signal(f)
-        _, coils, _, _ = _recon_settings(settings)
+        size, coils, _, _ = _recon_settings(settings)
         check_coils(f, coils)
+        _check_undersampled_width(f, size[1])
 
 
 def check_output(inp: Path, out: Path) -> None:
@@ -1111,6 +1117,7 @@ def output_lock(out: Path) -> Iterator[None]:
     (``.<name>.*.tmp``, :func:`~mri_ensemble.io.atomic_path`'s names) are removed. The
     output's missing parent folders are created."""
     out = Path(out)
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out.parent / f".{out.name}.lock"
     while True:
@@ -1137,6 +1144,12 @@ def output_lock(out: Path) -> Iterator[None]:
             else:
                 stale.unlink(missing_ok=True)
         yield
+    except BaseException:
+        lock_path.unlink(missing_ok=True)
+        for d in created:  # a refused run leaves no empty folder behind either
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     finally:
         lock_path.unlink(missing_ok=True)
         os.close(fd)

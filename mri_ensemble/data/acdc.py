@@ -202,7 +202,8 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     if not path.is_file():
         raise DataError(f"{path}: expected a NIfTI file, found nothing there")
     try:
-        img = nib.load(path, mmap=False)
+        with nib.imageglobals.LoggingOutputSuppressor():  # pixdim 0: we refuse it ourselves
+            img = nib.load(path, mmap=False)
         if not isinstance(img, SpatialImage):
             raise ImageFileError(f"not an image file ({type(img).__name__})")
         data = np.asarray(img.dataobj)
@@ -461,7 +462,8 @@ def verify_acdc(
             seen.setdefault(digest, (v.patient, folder, v.phase))
     if problems:
         raise DataError(
-            f"ACDC root {root}: {len(problems)} problem(s) in {len(folders)} patients, "
+            f"ACDC root {root}: {len(problems)} problem{'s' * (len(problems) > 1)} in "
+            f"{len(folders)} patients, "
             f"nothing written: {' | '.join(problems)}"
         )
     logger.info("verified %d patients under %s", len(folders), root)

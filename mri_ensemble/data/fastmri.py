@@ -410,6 +410,7 @@ def verify_fastmri(
         seen.setdefault(digest, path)
     if problems:
         raise DataError(
-            f"{len(problems)} problem(s) in {len(files)} fastMRI files, nothing written: "
+            f"{len(problems)} problem{'s' * (len(problems) > 1)} in {len(files)} fastMRI "
+            f"files, nothing written: "
             f"{' | '.join(problems)}"
         )
