@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         help="segment a NIfTI volume / PNG or JPEG slice, or reconstruct a fastMRI HDF5 file",
         description="Segmentation: NIfTI in (2-D, 3-D, or 4-D: its first frame) -> NIfTI labels with the input's affine and shape "
         "(PNG/JPEG in -> PNG labels). Reconstruction: fastMRI HDF5 in -> HDF5 with dataset "
-        "'reconstruction' (fastMRI submission layout).",
+        "'reconstruction' (fastMRI submission layout). The input is checked before any model "
+        "loads: plausible voxel sizes and image size, not a label map, k-space with signal "
+        "and enough coils; implausible input is refused with one line naming the file.",
     )
     p.add_argument("--task", required=True, choices=["segmentation", "reconstruction"])
     p.add_argument("--input", required=True, type=Path, help="the file to predict on")

@@ -215,6 +215,13 @@ def _locked(tmp: Path, project: Path) -> Run:
 _HELD: list[int] = []
 
 
+def _parent_is_a_file(tmp: Path, project: Path) -> Run:
+    inp = scan(tmp / "scan.nii.gz")
+    (tmp / "results").write_text("a file where the output folder should be")
+    out = tmp / "results" / "labels.nii.gz"
+    return Run(predict_seg(inp, out, "--root", str(project)), [], [inp, tmp / "results"])
+
+
 def _stale_tmp(tmp: Path, project: Path) -> Run:
     """A killed run left a full-size temporary: the next run on that output removes it."""
     inp = scan(tmp / "scan.nii.gz")
@@ -552,6 +559,7 @@ CASES = [
     Case("seg-output-hardlink-to-input", _hardlink, 2, ("hard.nii.gz", "never overwrites")),
     Case("seg-output-locked-by-another-run", _locked, 2, ("labels.nii.gz", "another run")),
     Case("seg-stale-temporary-cleaned", _stale_tmp, 0),
+    Case("seg-output-folder-is-a-file", _parent_is_a_file, 2, ("results", "cannot write")),
     Case(
         "seg-output-wrong-suffix",
         lambda t, p: Run(
@@ -882,3 +890,9 @@ def test_checkpoints_the_engine_writes_still_load(tmp_path: Path) -> None:
         assert load_checkpoint(tmp_path / name)["epoch"] == 1
     model, _ = load_model(tmp_path / "best.pt")
     assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 4, 16, 16)
+
+
+def test_help_says_what_happens_to_the_output(capsys) -> None:
+    assert cli_main_code(["predict", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "missing parent folders are created" in text and "never the input" in text
