@@ -90,7 +90,7 @@ from .io import atomic_path
 from .metrics import CLASS_NAMES
 from .mri.fft import ifft2c, rss
 from .mri.grappa import grappa_image
-from .mri.masks import MaskSpec, volume_mask
+from .mri.masks import MaskSpec, acs_bounds, volume_mask
 from .reconstruction import input_scale, uses_grappa
 from .segmentation import probabilities
 from .train import load_model, resolve_device
@@ -909,12 +909,20 @@ def prepare_input(
 
 
 def _check_undersampled_width(f: FastMRIFile, width: int) -> None:
-    if f.mask is not None and not f.mask.all() and f.kspace.shape[-1] != width:
+    """An already undersampled file must have the task's width and an autocalibration
+    block (a sampled centre column: GRAPPA and the coil sensitivities need it)."""
+    if f.mask is None or f.mask.all():
+        return
+    if f.kspace.shape[-1] != width:
         raise DataError(
             f"{f.path}: already undersampled k-space {f.kspace.shape[-1]} columns wide; "
             f"the models need width {width} (ingest.reconstruction.size), and cropping the "
             "phase-encode axis would mix acquired and missing lines"
         )
+    try:
+        acs_bounds(f.mask)
+    except DataError as exc:
+        raise DataError(f"{f.path}: {exc}") from exc
 
 
 @torch.no_grad()

@@ -320,6 +320,12 @@ def _no_kspace(inp: Path, k: np.ndarray) -> None:
         del f["kspace"]
 
 
+def _no_centre_line(inp: Path, k: np.ndarray) -> None:
+    mask = (np.arange(k.shape[-1]) % 3 == 0).astype(np.uint8)
+    mask[k.shape[-1] // 2] = 0
+    rewrite_kspace(inp, k * mask, mask=mask)
+
+
 def _narrow_undersampled(inp: Path, k: np.ndarray) -> None:
     mask = np.zeros(k.shape[-1] - 2, np.uint8)
     mask[::2] = 1
@@ -680,6 +686,12 @@ CASES = [
     Case("recon-nan-kspace", recon(_nan), 2, ("file_brain_tiny.h5", "finite")),
     Case("recon-real-kspace", recon(_real), 2, ("file_brain_tiny.h5", "complex")),
     Case("recon-no-kspace", recon(_no_kspace), 2, ("file_brain_tiny.h5", "'kspace'")),
+    Case(
+        "recon-mask-without-centre-line",
+        recon(_no_centre_line),
+        2,
+        ("file_brain_tiny.h5", "centre column 12"),
+    ),
     Case(
         "recon-undersampled-wrong-width",
         recon(_narrow_undersampled),
