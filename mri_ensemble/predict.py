@@ -75,8 +75,10 @@ from .data.acdc import (
     LABEL_MAP_VALUES,
     MIN_INPLANE_PX,
     center_crop_or_pad,
+    check_contrast,
     check_not_label_map,
     check_plausible,
+    check_voxel_count,
     normalize_intensity,
     raw_zooms,
     resample_inplane,
@@ -499,15 +501,20 @@ def read_nifti(path: Path) -> NiftiScan:
             img = nib.load(path, mmap=False)
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise ImageFileError(f"not a NIfTI image ({type(img).__name__})")
-        data = np.asarray(img.dataobj)
         zooms = raw_zooms(path, img)  # as stored: nibabel turns a pixdim of 0 into 1
+        full = tuple(int(n) for n in img.shape)
+        if len(full) == 4 and full[3] < 1:
+            raise DataError(f"{path}: expected a non-empty image, found shape {full}")
+        check_voxel_count(path, full[:3])  # from the header, before reading any voxel
+        if len(full) in (2, 3) and len(zooms) >= 2 and all(z > 0 for z in zooms[:2]):
+            check_plausible(path, (full[0], full[1]), zooms[:2], through_plane=False)
+        # 4-D: only the first frame is read
+        data = np.asarray(img.dataobj[..., 0] if len(full) == 4 else img.dataobj)
     except _NIFTI_ERRORS as exc:
         raise _nifti_error(path, exc) from exc
     dtype = img.get_data_dtype()
-    if data.ndim == 4:
-        if data.shape[3] > 1:
-            log.info("%s: 4-D (%s), using its first frame", path.name, data.shape)
-        data = data[..., 0]
+    if len(full) == 4 and full[3] > 1:
+        log.info("%s: 4-D (%s), using its first frame", path.name, full)
     if data.ndim == 2:
         shape: tuple[int, ...] = data.shape
         data = data[..., None]
@@ -515,7 +522,7 @@ def read_nifti(path: Path) -> NiftiScan:
     elif data.ndim == 3:
         shape = data.shape
     else:
-        raise DataError(f"{path}: expected a 2-D, 3-D or 4-D NIfTI image, found shape {data.shape}")
+        raise DataError(f"{path}: expected a 2-D, 3-D or 4-D NIfTI image, found shape {full}")
     if min(data.shape) < 1:
         raise DataError(f"{path}: expected a non-empty image, found shape {data.shape}")
     if data.dtype.kind not in "biuf":
@@ -527,6 +534,7 @@ def read_nifti(path: Path) -> NiftiScan:
         raise DataError(f"{path}: expected positive voxel sizes, found zooms {zooms}")
     check_plausible(path, (data.shape[0], data.shape[1]), zooms[:3], through_plane=len(shape) == 3)
     check_not_label_map(path, data, dtype)
+    check_contrast(path, data)
     return NiftiScan(path, img, data, (zooms[0], zooms[1], zooms[2]), shape)
 
 
@@ -541,6 +549,8 @@ def read_slice_image(path: Path) -> np.ndarray:
         with Image.open(path) as raw:
             raw.load()
             image = np.asarray(raw.convert("L"))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to be a slice ({exc})") from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         first = str(exc).splitlines()[0].replace(str(path), path.name) if str(exc) else ""
         raise DataError(
@@ -554,6 +564,7 @@ def read_slice_image(path: Path) -> np.ndarray:
         )
     if set(np.unique(image).tolist()) <= set(range(LABEL_MAP_VALUES)):  # class indices 0..3
         check_not_label_map(path, image, image.dtype)
+    check_contrast(path, image)
     return image
 
 

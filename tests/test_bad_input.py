@@ -170,6 +170,18 @@ def zero_pixdim(path: Path) -> None:
     path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
 
 
+def _huge_header(tmp: Path) -> Path:
+    """A header declaring 20000 x 20000 x 1000 voxels in front of a few bytes of data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((20000, 20000, 1000))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_zooms((0.5, 0.5, 1.0))
+    hdr["vox_offset"] = 352
+    path = tmp / "huge.nii"
+    path.write_bytes(hdr.binaryblock + b"\0" * 4 + b"\0" * 64)
+    return path
+
+
 def _label_map(tmp: Path) -> Path:
     data = np.zeros((40, 36, 3), np.uint8)
     data[10:20, 10:20] = 1
@@ -396,6 +408,11 @@ def _one_voxel(root: Path) -> None:
         )
 
 
+def _constant_image(root: Path) -> None:
+    shape = nib.load(_frame(root, 3)).shape
+    _resave(_frame(root, 3), np.full(shape, 7.5, np.float32))
+
+
 def _missing_gt(root: Path) -> None:
     _frame(root, 2, gt=True).unlink()
 
@@ -611,6 +628,13 @@ CASES = [
         ("one.nii.gz", "in-plane size 1 x 1"),
     ),  # fmt: skip
     Case("seg-label-map-as-image", seg(_label_map), 2, ("frame01_gt.nii.gz", "label map")),
+    Case("seg-huge-header", seg(_huge_header), 2, ("huge.nii", "400,000,000,000 voxels")),
+    Case(
+        "seg-constant-image",
+        seg(lambda t: nifti(t / "flat.nii.gz", np.zeros((30, 30, 2), np.float32))),
+        2,
+        ("flat.nii.gz", "constant"),
+    ),
     Case(
         "seg-nan-intensities",
         seg(lambda t: nifti(t / "nan.nii", np.full((20, 20, 2), np.nan, np.float32))),
@@ -735,6 +759,12 @@ CASES = [
     ),
     Case(
         "acdc-one-voxel", acdc_case(_one_voxel), 2, ("patient001_frame01.nii.gz", "in-plane size")
+    ),
+    Case(
+        "acdc-constant-image",
+        acdc_case(_constant_image),
+        2,
+        ("patient003_frame01.nii.gz", "constant"),
     ),
     Case("acdc-missing-gt", acdc_case(_missing_gt), 2, ("patient002_frame01_gt.nii.gz",)),
     Case("acdc-nan-image", acdc_case(_nan_image), 2, ("patient001_frame01.nii.gz", "finite")),

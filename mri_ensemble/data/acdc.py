@@ -50,6 +50,7 @@ INPLANE_SPACING_MM: tuple[float, float] = (0.05, 20.0)
 THROUGHPLANE_SPACING_MM: tuple[float, float] = (0.05, 100.0)
 MIN_INPLANE_PX = 4  # fewer pixels per in-plane axis than this cannot show a structure
 MAX_RESAMPLED_PX = 4096  # per in-plane axis after resampling to spacing_mm
+MAX_VOXELS = 2**27  # per volume (a frame): 512 MiB as float32, far above any MRI scan
 LABEL_MAP_VALUES = 4  # an integer image with at most this many distinct values is a label map
 _NIFTI_ERRORS = (
     ImageFileError,
@@ -206,6 +207,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
             img = nib.load(path, mmap=False)
         if not isinstance(img, SpatialImage):
             raise ImageFileError(f"not an image file ({type(img).__name__})")
+        check_voxel_count(path, img.shape)  # from the header, before reading any voxel
         data = np.asarray(img.dataobj)
         zooms = tuple(round(z, 6) for z in raw_zooms(path, img))
     except _NIFTI_ERRORS as exc:
@@ -275,6 +277,24 @@ def check_not_label_map(path: Path, data: np.ndarray, dtype: np.dtype) -> None:
         )
 
 
+def check_voxel_count(path: Path, shape: Sequence[int]) -> None:
+    """DataError naming ``path`` when a volume's header declares more than
+    :data:`MAX_VOXELS` voxels: refused before a single voxel is read."""
+    n = int(np.prod([int(v) for v in shape], dtype=np.float64))
+    if n > MAX_VOXELS:
+        raise DataError(
+            f"{path}: the header declares shape {tuple(shape)} ({n:,} voxels), more than the "
+            f"{MAX_VOXELS:,} of any MRI volume"
+        )
+
+
+def check_contrast(path: Path, data: np.ndarray) -> None:
+    """DataError naming ``path`` when every voxel has the same value: no image at all."""
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if not hi > lo:
+        raise DataError(f"{path}: the image is constant (every voxel {lo:g}): nothing to segment")
+
+
 def resampled_hw(
     path: Path | str, shape_hw: tuple[int, int], spacing_hw: tuple[float, float], target: float
 ) -> tuple[int, int]:
@@ -327,6 +347,7 @@ def _read_phase(
         raise DataError(f"{image_path}: expected finite intensities, found NaN or Inf values")
     check_plausible(image_path, (image.shape[0], image.shape[1]), zooms)
     check_not_label_map(image_path, image, image.dtype)
+    check_contrast(image_path, image)
     resampled_hw(image_path, (image.shape[1], image.shape[0]), (zooms[1], zooms[0]), spacing_mm)
     values = np.unique(label)
     bad = values[~np.isin(values, LABEL_VALUES)]
