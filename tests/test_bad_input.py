@@ -338,6 +338,13 @@ def _no_centre_line(inp: Path, k: np.ndarray) -> None:
     rewrite_kspace(inp, k * mask, mask=mask)
 
 
+def _huge_kspace(inp: Path, k: np.ndarray) -> None:
+    """A dataset declared 64 x 32 x 4096 x 4096 whose chunks were never written: a tiny file."""
+    with h5py.File(inp, "a") as f:
+        del f["kspace"]
+        f.create_dataset("kspace", shape=(64, 32, 4096, 4096), dtype=np.complex64, chunks=True)
+
+
 def _narrow_undersampled(inp: Path, k: np.ndarray) -> None:
     mask = np.zeros(k.shape[-1] - 2, np.uint8)
     mask[::2] = 1
@@ -707,6 +714,9 @@ CASES = [
         2,
         ("file_brain_tiny.h5", "at least one sampled line"),
     ),  # fmt: skip
+    Case(
+        "recon-huge-kspace", recon(_huge_kspace), 2, ("file_brain_tiny.h5", "34,359,738,368 values")
+    ),
     Case("recon-nan-kspace", recon(_nan), 2, ("file_brain_tiny.h5", "finite")),
     Case("recon-real-kspace", recon(_real), 2, ("file_brain_tiny.h5", "complex")),
     Case("recon-no-kspace", recon(_no_kspace), 2, ("file_brain_tiny.h5", "'kspace'")),

@@ -44,6 +44,7 @@ TARGET_MULTICOIL = "reconstruction_rss"
 TARGET_SINGLECOIL = "reconstruction_esc"
 HEADER = "ismrmrd_header"
 MASK = "mask"
+MAX_KSPACE_VALUES = 2**30  # 8 GiB as complex64; fastMRI's largest volumes hold ~2**27
 
 
 @dataclass
@@ -167,6 +168,12 @@ def _read(path: Path, hf: h5py.File) -> FastMRIFile:
         raise DataError(f"{path}: expected complex kspace, found dtype {node.dtype}")
     if node.shape[0] < 1 or min(node.shape) < 1:
         raise DataError(f"{path}: expected at least one slice of kspace, found shape {node.shape}")
+    n = int(np.prod(node.shape, dtype=np.float64))
+    if n > MAX_KSPACE_VALUES:  # checked on the dataset's shape, before reading it
+        raise DataError(
+            f"{path}: kspace of shape {node.shape} holds {n:,} values, more than the "
+            f"{MAX_KSPACE_VALUES:,} of any fastMRI volume"
+        )
     kspace = np.asarray(node[()], dtype=np.complex64)
     bad = _nonfinite(kspace)
     if bad:
