@@ -12,7 +12,8 @@ or ``"ensemble"``). Every member runs on the same batch tensor; the ensemble is 
 weighted average of member probabilities (segmentation, then argmax; weights shared or per
 class, ``{model: {class: w}}``; ``method: vote`` is the members' majority vote) or the
 weighted sum of member images (reconstruction), as in :mod:`mri_ensemble.ensemble`.
-Members whose weight is below ``MIN_WEIGHT`` are not run: their share is below float32
+Members whose weight share is below ``ensemble.MIN_WEIGHT`` are not run (the one membership rule,
+:func:`mri_ensemble.ensemble.ensemble_members`): their share is below float32
 resolution.
 
 Segmentation inputs are brought to the network grid as ingest brings the training data:
@@ -86,7 +87,7 @@ from .data.acdc import (
 )
 from .data.fastmri import FastMRIFile, check_coils, check_signal, prepare_volume, read_fastmri
 from .data.folder import BINARY_CLASSES
-from .ensemble import combine, vote
+from .ensemble import combine, ensemble_members, vote
 from .errors import ConfigError, DataError, OutputError
 from .io import atomic_path
 from .metrics import CLASS_NAMES
@@ -102,7 +103,6 @@ log = logging.getLogger(__name__)
 TASKS: tuple[str, ...] = ("segmentation", "reconstruction")
 ENSEMBLE = "ensemble"
 TRAIN_COMMAND = "`make run` (or `python -m flows.pipeline`)"
-MIN_WEIGHT = 1e-8  # members below this ensemble weight are not run (below float32 resolution)
 
 InputKind = Literal["nifti", "image", "hdf5"]
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -365,7 +365,7 @@ def load_predictor(
                 f"with one weight per model, found method {method!r} with weights {chosen}"
             )
         if method != "vote":
-            chosen = _significant(chosen)
+            chosen = {m: chosen[m] for m in ensemble_members(chosen)}
     elif model in trained:
         name, chosen = model, {model: 1.0}
     else:
@@ -398,27 +398,6 @@ def load_predictor(
     _ = pred.weights  # per-class weights must name the models' classes
     log.info("loaded %s on %s", pred.describe(), dev)
     return pred
-
-
-def _significant(weights: dict[str, Weight]) -> dict[str, Weight]:
-    """The members whose share of some class is at least ``MIN_WEIGHT``."""
-
-    def values(w: Weight) -> list[float]:
-        return list(w.values()) if isinstance(w, dict) else [w]
-
-    keys = sorted({c for w in weights.values() if isinstance(w, dict) for c in w})
-    if not keys:
-        total = sum(values(w)[0] for w in weights.values())
-        return {m: w for m, w in weights.items() if values(w)[0] / total >= MIN_WEIGHT}
-    table = {
-        m: [w.get(c, 0.0) if isinstance(w, dict) else w for c in keys] for m, w in weights.items()
-    }
-    totals = np.sum(list(table.values()), axis=0)
-    return {
-        m: weights[m]
-        for m, row in table.items()
-        if np.any(np.asarray(row) / np.where(totals > 0, totals, 1) >= MIN_WEIGHT)
-    }
 
 
 # ---------------------------------------------------------------------------- input files

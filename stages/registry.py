@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 import mri_ensemble
+from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _bundle(root: Path, task: str, dest: Path) -> tuple[dict[str, Any], str]:
         raise DataError(f"{ens_file}: missing; run the ensemble stage first")
     ens = json.loads(ens_file.read_text())
     h = hashlib.sha256(f"{BUNDLE_FORMAT}{json.dumps(ens['weights'], sort_keys=True)}".encode())
-    for m in sorted(ens["weights"]):
+    for m in sorted(ensemble_members(ens["weights"])):  # the members predict runs
         ckpt = root / "models" / task / m / "best.pt"
         if not ckpt.is_file():
             raise DataError(f"{ckpt}: checkpoint of ensemble member {m} missing")
@@ -150,7 +151,7 @@ def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
         "fingerprint": fp,
         "task": task,
         "method": str(ens.get("method")),
-        "members": ",".join(ens["weights"]),
+        "members": ",".join(ensemble_members(ens["weights"])),
         f"val_{key}": f"{val:.6f}",
         f"test_{key}": f"{float(ens['test'][key]):.6f}",
     }

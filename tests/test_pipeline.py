@@ -170,6 +170,7 @@ def test_flow_registers_each_task_ensemble(project: Path):
     import numpy as np
 
     from mri_ensemble.data.prepared import read_segmentation_h5
+    from mri_ensemble.ensemble import ensemble_members
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     try:
@@ -177,7 +178,7 @@ def test_flow_registers_each_task_ensemble(project: Path):
         for task in ("segmentation", "reconstruction"):
             version = client.get_model_version_by_alias(f"mri-ensemble-{task}", "champion")
             ens = json.loads((project / f"reports/{task}/ensemble.json").read_text())
-            assert version.tags["members"] == ",".join(ens["weights"])
+            assert version.tags["members"] == ",".join(ensemble_members(ens["weights"]))
         cwd = os.getcwd()
         os.chdir(project)  # the store's artifact root is relative: ./mlruns
         try:

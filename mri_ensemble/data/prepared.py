@@ -15,8 +15,10 @@ dataset        dtype, shape       meaning
 plus file attributes (source, size, spacing_mm, seed, class names, ...). Scalar attributes
 (str, int, float, bool) are stored as themselves; anything else (lists, dicts, None) as a
 JSON string whose key is listed in the ``_json_attrs`` attribute and decoded on reading.
-Storage is chunked per slice with lossless, fast LZF compression. Files are written to a
-temporary name and renamed into place.
+Storage is chunked per slice with lossless deflate (gzip level 1): deterministic, so the
+same arrays always give the same bytes. (h5py's LZF is not: its compressor reads an
+uninitialised hash table, so identical data compressed to different bytes from run to run.)
+Files are written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class SegmentationSet:
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
+
+
+# deterministic lossless compression of every chunked dataset the pipeline writes
+COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1}
 
 
 def _encode_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -112,8 +118,8 @@ def write_segmentation_arrays(
     plain, as_json = _encode_attrs(attrs)
     chunks = (1, *image.shape[1:])
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("image", data=image, chunks=chunks, compression="lzf")
-        f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks, compression="lzf")
+        f.create_dataset("image", data=image, chunks=chunks, **COMPRESSION)
+        f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks, **COMPRESSION)
         f.create_dataset(
             "case", data=case_arr.astype(str).astype(object), dtype=h5py.string_dtype()
         )

@@ -16,8 +16,8 @@ dataset        dtype, shape            meaning
 
 plus file attributes (source, size, coils, mask parameters, seed, ...). Networks only ever
 see ``kspace * mask``: the fully-sampled k-space is kept so that training can draw a
-fresh mask every epoch. Storage is chunked per slice with lossless LZF compression;
-files are written to a temporary name and renamed into place.
+fresh mask every epoch. Storage is chunked per slice with deterministic lossless deflate
+(``prepared.COMPRESSION``); files are written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mri_ensemble.data.prepared import _JSON_ATTRS, _encode_attrs
+from mri_ensemble.data.prepared import _JSON_ATTRS, COMPRESSION, _encode_attrs
 from mri_ensemble.errors import DataError
 from mri_ensemble.io import atomic_path
 
@@ -87,7 +87,7 @@ def write_reconstruction_h5(path: Path, data: ReconstructionSet) -> None:
             "kspace",
             data=data.kspace.astype(np.complex64),
             chunks=(1, *data.kspace.shape[1:]),
-            compression="lzf",
+            **COMPRESSION,
         )
         f.create_dataset("mask", data=data.mask.astype(bool))
         for key in ("target", "grappa"):
@@ -95,7 +95,7 @@ def write_reconstruction_h5(path: Path, data: ReconstructionSet) -> None:
                 key,
                 data=getattr(data, key).astype(np.float32),
                 chunks=(1, h, w),
-                compression="lzf",
+                **COMPRESSION,
             )
         f.create_dataset(
             "case", data=np.asarray(data.case).astype(str).astype(object), dtype=h5py.string_dtype()
