@@ -18,7 +18,9 @@ from pathlib import Path
 from mri_ensemble.cost import batch_inputs, macs_per_slice, recommend
 from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import ConfigError, DataError
+from mri_ensemble.inference import load_members
 from mri_ensemble.io import write_json
+from mri_ensemble.nets import count_parameters
 
 from .common import KEY_METRIC, cli, get, load_params, log
 
@@ -65,10 +67,16 @@ def main() -> None:
     checkpoints = member_checkpoints(args.models, args.task, sizes[-1]["members"])
     inputs = batch_inputs(args.task, args.data, batch)
     macs = macs_per_slice(checkpoints, inputs)
+    n_params = {
+        m: count_parameters(net)
+        for m, net in zip(checkpoints, load_members(list(checkpoints.values())), strict=True)
+    }
     rows = []
     for s in sizes:
-        row = {k: s[k] for k in ("size", "added", "members", "params", f"val_{key}", f"test_{key}")}
-        row["macs"] = float(sum(macs[m] for m in ensemble_members(s["weights"])))  # what runs
+        row = {k: s[k] for k in ("size", "added", "members", f"val_{key}", f"test_{key}")}
+        runs = ensemble_members(s["weights"])  # what predict runs of this size
+        row["params"] = int(sum(n_params[m] for m in runs))
+        row["macs"] = float(sum(macs[m] for m in runs))
         rows.append(row)
         log.info("size %d (+%s): %.3f GMACs/slice", s["size"], s["added"], row["macs"] / 1e9)
     line = recommend(rows, key)
@@ -78,6 +86,7 @@ def main() -> None:
         {
             "batch": len(inputs[0]),
             "member_macs": macs,
+            "member_params": n_params,
             "sizes": rows,
             "recommendation": line,
         },

@@ -155,6 +155,7 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     for row, size in zip(cost["sizes"], sizes, strict=True):
         runs = ensemble_members(size["weights"])
         assert row["macs"] == pytest.approx(sum(cost["member_macs"][m] for m in runs))
+        assert row["params"] == sum(cost["member_params"][m] for m in runs)
     assert all(m > 0 for m in cost["member_macs"].values())
     assert cost["recommendation"] == recommend(cost["sizes"], key)
     assert "latency" not in json.dumps(cost), "machine timings stay out of the outputs"
