@@ -340,16 +340,8 @@ def prepare_volume(
         raise ConfigError(f"size: expected two positive integers (H, W), found {size!r}")
     if isinstance(n_coils, bool) or not isinstance(n_coils, int | np.integer) or n_coils < 1:
         raise ConfigError(f"coils: expected a positive integer, found {n_coils!r}")
+    check_preparable(f, size)
     s, c, h, w = f.kspace.shape
-    if f.mask is not None and not f.mask.all():
-        raise DataError(
-            f"{f.path}: k-space is already undersampled ({w / f.mask.sum():.1f}x, a test/"
-            "challenge file); ingest needs fully-sampled files (fastMRI train/val)"
-        )
-    if h < size[0] or w < size[1]:
-        raise DataError(
-            f"{f.path}: expected images of at least {size[0]} x {size[1]} pixels, found {h} x {w}"
-        )
     check_coils(f, n_coils)
     images = _center_crop(ifft2c(f.kspace), size).astype(np.complex64)  # (S, C, H, W)
     if f.target is not None and f.target.shape == (s, *size):
@@ -379,6 +371,20 @@ def check_signal(f: FastMRIFile) -> float:
     return float(peak.max())
 
 
+def check_preparable(f: FastMRIFile, size: tuple[int, int]) -> None:
+    """DataError unless ``f`` is fully sampled and at least ``size`` (H, W) pixels."""
+    h, w = f.kspace.shape[2:]
+    if f.mask is not None and not f.mask.all():
+        raise DataError(
+            f"{f.path}: k-space is already undersampled ({w / f.mask.sum():.1f}x, a test/"
+            "challenge file); ingest needs fully-sampled files (fastMRI train/val)"
+        )
+    if h < size[0] or w < size[1]:
+        raise DataError(
+            f"{f.path}: expected images of at least {size[0]} x {size[1]} pixels, found {h} x {w}"
+        )
+
+
 def verify_fastmri(
     files: list[Path], size: tuple[int, int], n_coils: int, progress: bool = False
 ) -> None:
@@ -393,17 +399,7 @@ def verify_fastmri(
         try:
             f = read_fastmri(path)
             check_signal(f)
-            s, c, h, w = f.kspace.shape
-            if f.mask is not None and not f.mask.all():
-                raise DataError(
-                    f"{path}: k-space is already undersampled (a test/challenge file); "
-                    "ingest needs fully-sampled files (fastMRI train/val)"
-                )
-            if h < size[0] or w < size[1]:
-                raise DataError(
-                    f"{path}: expected images of at least {size[0]} x {size[1]} pixels, "
-                    f"found {h} x {w}"
-                )
+            check_preparable(f, size)
             check_coils(f, n_coils)
         except DataError as exc:
             problems.append(str(exc))
