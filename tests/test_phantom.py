@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from mri_ensemble.data.phantom import GROUPS, write_acdc_phantom
+from mri_ensemble.data.acdc import verify_acdc
+from mri_ensemble.data.phantom import (
+    GROUPS,
+    LV_MYO,
+    REGIMES,
+    draw_anatomy,
+    main,
+    write_acdc_phantom,
+)
 from mri_ensemble.errors import ConfigError, DataError
 
 N_PATIENTS = 5  # one of each group
@@ -187,3 +196,97 @@ def test_unwritable_root_names_the_file(tmp_path: Path) -> None:
     blocker.write_text("a file where the folder should be")
     with pytest.raises(DataError, match="patient001"):
         write_acdc_phantom(blocker, 1, seed=0, n_frames=2, write_4d=False)
+
+
+# sha256 of the decoded arrays, zooms and Info.cfg of patients 4-5 (seed 3, 4 frames), as the
+# phantom wrote them before regimes existed: "default" must keep the training phantom
+DEFAULT_DIGEST = "da5313c08b6eb55156ef51effa16a395b7d83bacb7de70960ab664cf789d38ba"
+
+
+def _digest(folders: list[Path]) -> str:
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            h.update(path.name.encode())
+            if path.name.endswith(".nii.gz"):
+                img = nib.load(path)
+                h.update(np.ascontiguousarray(np.asarray(img.dataobj)).tobytes())
+                h.update(str(img.header.get_zooms()).encode())
+            else:
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_regime_is_unchanged(tmp_path: Path) -> None:
+    plain = write_acdc_phantom(tmp_path / "plain", 2, seed=3, first_id=4, n_frames=4)
+    named = write_acdc_phantom(
+        tmp_path / "named", 2, seed=3, first_id=4, n_frames=4, regime="default"
+    )
+    for fp, fn in zip(plain, named, strict=True):
+        for path in sorted(fp.iterdir()):
+            assert path.read_bytes() == (fn / path.name).read_bytes(), path.name
+    assert _digest(plain) == DEFAULT_DIGEST
+    assert draw_anatomy(3, 4, 4) == draw_anatomy(3, 4, 4, "default")
+
+
+def test_shifted_regime_changes_acquisition_only(tmp_path: Path) -> None:
+    assert REGIMES == ("default", "shifted")
+    n = len(GROUPS)
+    default = write_acdc_phantom(tmp_path / "d", n, seed=5, first_id=900, n_frames=4)
+    shifted = write_acdc_phantom(
+        tmp_path / "s", n, seed=5, first_id=900, n_frames=4, regime="shifted"
+    )
+    for fd, fs in zip(default, shifted, strict=True):
+        assert {p.name for p in fd.iterdir()} == {p.name for p in fs.iterdir()}
+        assert (fd / "Info.cfg").read_bytes() == (fs / "Info.cfg").read_bytes()
+        frames_d, frames_s = _frames(fd), _frames(fs)
+        for phase in ("ED", "ES"):
+            (img_d, lab_d), (img_s, lab_s) = frames_d[phase], frames_s[phase]
+            np.testing.assert_array_equal(lab_d, lab_s)  # the same anatomy ...
+            assert img_d.shape == img_s.shape and not np.array_equal(img_d, img_s)
+            # ... with a blood / myocardium contrast lower than any default patient's
+            ratio_d = np.median(img_d[lab_d == 2]) / np.median(img_d[lab_d == 3])
+            ratio_s = np.median(img_s[lab_s == 2]) / np.median(img_s[lab_s == 3])
+            assert ratio_s > ratio_d and ratio_s > 0.45, (fs.name, phase)
+    vols = verify_acdc(tmp_path / "s", size=96, spacing_mm=1.6)  # the ACDC reader takes it
+    assert sorted(vols) == [f.name for f in shifted]
+    for pid in range(900, 900 + n):
+        a, b = draw_anatomy(5, pid, 4), draw_anatomy(5, pid, 4, "shifted")
+        changed = {"intensities", "noise", "blur", "bias", "bias_clip"}
+        for field in a.__dataclass_fields__:
+            if field not in changed:
+                assert getattr(a, field) == getattr(b, field), field
+        assert 0.03 <= a.noise <= 0.08 and 0.10 <= b.noise <= 0.15
+        assert 0.5 <= a.blur <= 0.9 and 1.0 <= b.blur <= 1.4
+        assert a.bias_clip == 0.4 and b.bias_clip == 0.8
+        assert 0.22 <= a.intensities[LV_MYO] <= 0.45 <= b.intensities[LV_MYO] <= 0.6
+        ia, ib = np.asarray(a.intensities), np.asarray(b.intensities)
+        k = ib[LV_MYO] / ia[LV_MYO]
+        np.testing.assert_allclose(ib[ib != ia], k * ia[ib != ia])  # myo tissues scale as one
+        assert (ib != ia).sum() == 4  # muscle, LV myocardium, RV wall, papillary muscles
+
+
+def test_shifted_regime_is_deterministic(tmp_path: Path) -> None:
+    a = write_acdc_phantom(tmp_path / "a", 1, seed=2, n_frames=3, regime="shifted")
+    b = write_acdc_phantom(tmp_path / "b", 1, seed=2, n_frames=3, write_4d=False, regime="shifted")
+    for path in sorted(b[0].iterdir()):
+        assert path.read_bytes() == (a[0] / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("regime", ["Shifted", "", None, 1])
+def test_bad_regime_raises_config_error(tmp_path: Path, regime: object) -> None:
+    with pytest.raises(ConfigError, match="regime: expected one of default, shifted"):
+        write_acdc_phantom(tmp_path, 1, seed=0, regime=regime)  # type: ignore[arg-type]
+    assert not (tmp_path / "training").exists()  # nothing written
+    with pytest.raises(ConfigError, match="regime"):
+        draw_anatomy(0, 1, 4, regime)  # type: ignore[arg-type]
+
+
+def test_cli_writes_the_shifted_regime(tmp_path: Path) -> None:
+    main([str(tmp_path / "cli"), "--patients", "1", "--seed", "4", "--regime", "shifted"])
+    ref = write_acdc_phantom(tmp_path / "ref", 1, seed=4, regime="shifted")
+    for path in sorted(ref[0].iterdir()):
+        cli = tmp_path / "cli" / "training" / "patient001" / path.name
+        assert cli.read_bytes() == path.read_bytes(), path.name
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--regime", "other"])

@@ -13,6 +13,16 @@ patient's files depend only on ``seed`` and its id. Anatomy is drawn per patient
 partial-volume blur, a multiplicative bias field and Rician noise (:func:`render_frames`).
 Internally a slice is a display image (rows = y, columns = x) of shape (ny, nx); files store
 the transposed (x, y, slice) arrays, as ACDC does.
+
+``regime`` (one of :data:`REGIMES`) picks the acquisition. ``"default"`` is the phantom that
+training sees. ``"shifted"`` is an acquisition outside training's range, for a test set
+training never sees: the anatomy is drawn exactly as in ``"default"`` (the same random
+stream, so the labels are identical), then a separate stream
+``default_rng([seed, patient_id, 7])`` overrides the acquisition: Rician noise sigma
+uniform in (0.10, 0.15) x gain (default 0.03-0.08), log bias-field coefficients normal with
+std 0.3 clipped to +-0.8 (default std 0.12, clip +-0.4), partial-volume blur 1.0-1.4 px
+(default 0.5-0.9) and myocardium at 0.45-0.6 of blood (default 0.22-0.45; skeletal muscle,
+RV wall and papillary muscles are rescaled with it). Only the intensities change.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +43,7 @@ from mri_ensemble.io import atomic_path
 logger = logging.getLogger(__name__)
 
 GROUPS: tuple[str, ...] = ("DCM", "HCM", "MINF", "NOR", "RV")  # patient ids cycle through these
+REGIMES: tuple[str, ...] = ("default", "shifted")  # acquisition regimes (see the module doc)
 
 # Internal tissue classes; only the heart classes carry an ACDC label.
 AIR, MUSCLE, FAT, LUNG, LIVER, VESSEL, BONE = range(7)
@@ -92,14 +103,49 @@ class Anatomy:
     noise: float  # Rician noise sigma (x gain)
     blur: float  # partial-volume Gaussian sigma (pixels)
     bias: tuple[float, ...]  # coefficients of the log bias field
+    bias_clip: float = 0.4  # the log bias field is clipped to +-bias_clip
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def draw_anatomy(seed: int, patient_id: int, n_frames: int) -> Anatomy:
-    """Draw the anatomy of patient ``patient_id``; depends only on (seed, patient_id, frames)."""
+def _check_regime(regime: object) -> str:
+    if not isinstance(regime, str) or regime not in REGIMES:
+        raise ConfigError(f"regime: expected one of {', '.join(REGIMES)}, found {regime!r}")
+    return regime
+
+
+def draw_anatomy(seed: int, patient_id: int, n_frames: int, regime: str = "default") -> Anatomy:
+    """Draw the anatomy of patient ``patient_id``; depends only on (seed, patient_id, frames,
+    regime). ``"shifted"`` keeps the default anatomy and redraws only the acquisition fields
+    (noise, bias field and its clip, blur, myocardial contrast) from
+    ``default_rng([seed, patient_id, 7])``. Raises ConfigError for an unknown regime.
+    """
+    regime = _check_regime(regime)
+    a = _draw_default(seed, patient_id, n_frames)
+    if regime == "default":
+        return a
+    rng = np.random.default_rng([seed, patient_id, 7])  # acquisition only: anatomy untouched
+    noise = _u(rng, 0.10, 0.15)
+    bias = tuple(float(v) for v in rng.normal(0.0, 0.3, size=6))
+    blur = _u(rng, 1.0, 1.4)
+    myo = _u(rng, 0.45, 0.6)  # relative to blood (1.0)
+    intensities = np.asarray(a.intensities)
+    # every tissue drawn relative to the myocardium keeps its ratio to it
+    intensities[[MUSCLE, LV_MYO, RV_WALL, PAPILLARY]] *= myo / intensities[LV_MYO]
+    return replace(
+        a,
+        intensities=tuple(float(v) for v in intensities),
+        noise=noise,
+        blur=blur,
+        bias=bias,
+        bias_clip=0.8,
+    )
+
+
+def _draw_default(seed: int, patient_id: int, n_frames: int) -> Anatomy:
+    """The default regime's patient (the stream of draws that pins the training phantom)."""
     rng = np.random.default_rng([seed, patient_id])
     group = GROUPS[(patient_id - 1) % len(GROUPS)]
     ef_r, cav_r, wall_r, rv_r, rvef_r = _GROUP_RANGES[group]
@@ -360,7 +406,7 @@ def render_frames(
     zs = np.linspace(-1.0, 1.0, n_slices, dtype=np.float32)[None, None, :]
     b = a.bias
     log_bias = b[0] * yy + b[1] * xx + b[2] * yy * xx + b[3] * yy**2 + b[4] * xx**2 + b[5] * zs
-    scale = a.gain * np.exp(np.clip(log_bias, -0.4, 0.4)) * texture  # (ny, nx, S)
+    scale = a.gain * np.exp(np.clip(log_bias, -a.bias_clip, a.bias_clip)) * texture  # (ny, nx, S)
     sigma = a.noise * a.gain
     out = []
     for frame in frames:
@@ -393,13 +439,20 @@ def _nifti_bytes(data: np.ndarray, zooms: tuple[float, ...]) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def write_patient(folder: Path, patient_id: int, seed: int, n_frames: int, write_4d: bool) -> None:
+def write_patient(
+    folder: Path,
+    patient_id: int,
+    seed: int,
+    n_frames: int,
+    write_4d: bool,
+    regime: str = "default",
+) -> None:
     """Write one patient folder: ED/ES frames and ``_gt`` labels, optional cine, Info.cfg.
 
     The folder is built under a temporary name and renamed into place (replacing an older
     one), and each file in it is itself written through ``atomic_path``.
     """
-    a = draw_anatomy(seed, patient_id, n_frames)
+    a = draw_anatomy(seed, patient_id, n_frames, regime)
     name = folder.name
     ed, es = 0, a.es_index
     frames = list(range(n_frames)) if write_4d else [ed, es]
@@ -440,13 +493,16 @@ def write_acdc_phantom(
     first_id: int = 1,
     n_frames: int = 10,
     write_4d: bool = True,
+    regime: str = "default",
 ) -> list[Path]:
     """Write ``n_patients`` phantom patients to ``root/training/patientNNN/``; return the folders.
 
     Patient ids run from ``first_id``; groups cycle DCM, HCM, MINF, NOR, RV by id. The same
-    arguments give the same bytes. Raises ConfigError for invalid arguments and DataError
-    (naming the file) when a file cannot be written.
+    arguments give the same bytes. ``regime`` (see :data:`REGIMES`) picks the acquisition;
+    a patient's labels are the same in every regime. Raises ConfigError for invalid
+    arguments and DataError (naming the file) when a file cannot be written.
     """
+    _check_regime(regime)
     for key, value, low in (
         ("n_patients", n_patients, 0),
         ("seed", seed, 0),
@@ -463,16 +519,20 @@ def write_acdc_phantom(
     folders = []
     for pid in range(first_id, first_id + n_patients):
         folder = Path(root) / "training" / f"patient{pid:03d}"
-        write_patient(folder, pid, seed, n_frames, write_4d)
+        write_patient(folder, pid, seed, n_frames, write_4d, regime)
         folders.append(folder)
     logger.info(
-        "wrote %d phantom patients (seed %d) to %s", n_patients, seed, Path(root) / "training"
+        "wrote %d phantom patients (seed %d, %s regime) to %s",
+        n_patients,
+        seed,
+        regime,
+        Path(root) / "training",
     )
     return folders
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mri_ensemble.data.phantom OUT``: write the phantom to look at it."""
+    """``python -m mri_ensemble.data.phantom OUT [--regime shifted]``: write the phantom."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Write the cardiac phantom in the ACDC layout.")
@@ -481,9 +541,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--seed", type=int, default=42, help="params.yaml's seed gives ingest's phantom"
     )
+    ap.add_argument("--first-id", type=int, default=1, help="id of the first patient")
+    ap.add_argument(
+        "--regime",
+        choices=REGIMES,
+        default="default",
+        help="acquisition: default (training's) or shifted (outside training's range)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_acdc_phantom(args.out, args.patients, args.seed)
+    write_acdc_phantom(
+        args.out, args.patients, args.seed, first_id=args.first_id, regime=args.regime
+    )
 
 
 if __name__ == "__main__":
