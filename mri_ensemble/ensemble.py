@@ -44,13 +44,28 @@ Speed. No network is re-run; candidates are scored in batches, vectorised:
   ``x_m * y`` are computed once; a batch of candidates then needs matrix products and
   element-wise arithmetic only, with no filtering (equal to :func:`ssim_slices` to
   rounding). Memory: (M (M + 3) / 2) float64 maps of the val set, plus chunk temporaries.
+
+Robust selection and the member guard. A mean val score can be won by a member that is
+excellent on the common kind of slice and poor on a rarer one (a contrast, an orientation,
+a pathology group). Objectives take optional ``groups``, one label per slice, constant
+within a case. With ``SearchConfig(robust=True)`` every candidate is scored by its worst
+group: the minimum over groups of the group's mean score, each computed exactly as the plain
+scorer does on that group's slices (:class:`WorstGroupScorer`); this is the worst-group
+objective of group DRO (Sagawa et al. 2020, "Distributionally Robust Neural Networks for
+Group Shifts", ICLR), applied to the choice of ensemble weights rather than to training. All
+optimisers run unchanged on it, so the "never below the best single member" promise holds
+in the worst-group score, and ``SearchResult.score`` is that score (``group_scores`` holds
+each group's). With one group it is the plain score, bit for bit. The guard
+:func:`members_below` lists, per member, the groups on which it scores below a baseline (the
+zero-filled images, say); ``search(..., exclude=...)`` or :func:`guarded_search` then search
+the allowed members only and return full-length weights with exact zeros for the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +97,11 @@ class SearchResult:
     weights: (M,) on the simplex, or (M, C) with every column on the simplex (per_class).
     score: the val score of ``weights`` (IoU or SSIM). trace: (weights, score) of the
     notable candidates: each one-hot, uniform, the chosen weights. order: members in the
-    order greedy selection first added them (greedy only). note: what a guard decided.
+    order greedy selection first added them (greedy only). note: what a guard decided, ``"; "``
+    joined: the per-class held-out check, robust scoring (``"robust: ..."``), excluded
+    members (``"excluded members [..]: ..."``); empty for a plain search.
+    group_scores: robust searches only, each group's val score of ``weights`` (``score`` is
+    their minimum).
     """
 
     method: str
@@ -92,6 +111,7 @@ class SearchResult:
     trace: list[tuple[list, float]] = field(default_factory=list)
     order: list[int] = field(default_factory=list)
     note: str = ""
+    group_scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,8 +123,11 @@ class SearchConfig:
     seed: int = 0
     rounds: int = 25  # greedy
     penalty: float = 0.01  # per_class: shrinkage toward the shared weights
+    robust: bool = False  # score a candidate by its worst group (needs objective groups)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.robust, bool | np.bool_):
+            raise ConfigError(f"robust must be true or false, found {self.robust!r}")
         if self.method not in METHODS:
             raise ConfigError(
                 f"unknown ensemble method {self.method!r}; known: {', '.join(METHODS)}"
@@ -191,8 +214,9 @@ def vote(probs: np.ndarray) -> np.ndarray:
 
 def fuse_labels(probs: np.ndarray, result: SearchResult) -> np.ndarray:
     """Labels (N, H, W) uint8 of the ensemble ``result`` on ``probs`` (M, N, C, H, W)."""
-    if result.method == "vote":
-        return vote(probs)
+    if result.method == "vote":  # members with weight 0 (excluded ones) have no vote
+        keep = np.flatnonzero(np.asarray(result.weights) > 0)
+        return vote(probs if len(keep) == len(probs) else probs[keep])
     return combine(probs, result.weights).argmax(axis=1).astype(np.uint8)
 
 
@@ -535,14 +559,73 @@ def case_folds(case: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(np.isin(groups, f)) for f in folds]
 
 
+class WorstGroupScorer:
+    """Worst-group score of many candidates: one plain scorer per group, elementwise minimum.
+
+    ``labels``: the group names; ``scorers``: for each, a scorer built on that group's slices
+    only (so a group's score is its own mean over its cases). A group on which a candidate has
+    nothing to score (NaN, e.g. no foreground anywhere) does not count; NaN only when every
+    group is NaN. With one group this is that group's scorer.
+    """
+
+    def __init__(self, labels: Sequence[str], scorers: Sequence[Scorer]) -> None:
+        if len(labels) != len(scorers) or not labels:
+            raise DataError("a worst-group scorer needs one scorer per group, at least one")
+        self.labels = [str(g) for g in labels]
+        self.scorers = list(scorers)
+
+    def per_group(self, weights: np.ndarray) -> np.ndarray:
+        """weights (K, M[, C]) -> (G, K) each group's scores, in ``labels`` order."""
+        return np.stack([s(weights) for s in self.scorers])
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        """weights (K, M[, C]) -> (K,) the minimum over groups (NaN groups ignored)."""
+        per = self.per_group(weights)
+        return per[0] if len(per) == 1 else np.fmin.reduce(per, axis=0)
+
+
+ALL_GROUP = "all"  # the one group of an objective without groups
+
+
+def _validate_groups(groups: np.ndarray | Sequence[str], case: np.ndarray) -> np.ndarray:
+    """(N,) group labels -> str array; constant within each case, else DataError."""
+    g = np.asarray(groups)
+    if g.shape != case.shape:
+        raise DataError(f"groups must have shape {case.shape} (one per slice), found {g.shape}")
+    names, g_idx = case_index(g)  # decodes bytes (HDF5) like case ids
+    if not names:
+        return np.asarray(names, dtype=str)[g_idx]
+    case_names, c_idx = case_index(case)
+    pairs = np.unique(c_idx * len(names) + g_idx)  # distinct (case, group) pairs, sorted
+    mixed = np.flatnonzero(np.bincount(pairs // len(names)) > 1)
+    if mixed.size:
+        found = [names[p % len(names)] for p in pairs if p // len(names) == mixed[0]]
+        raise DataError(
+            f"groups must be constant within a case: case {case_names[mixed[0]]!r} has "
+            f"groups {found} ({mixed.size} case(s) mixed)"
+        )
+    return np.asarray(names)[g_idx]
+
+
 class _Objective:
-    """A task's val outputs, and how to score and fuse them on subsets of slices/models."""
+    """A task's val outputs, and how to score and fuse them on subsets of slices/models.
+
+    ``groups`` (optional, (N,) str): one group label per slice, constant within a case
+    (checked: DataError), read by robust scoring and by :func:`members_below`.
+    """
 
     n_classes: int | None  # None for images (no per-class weights, no vote)
 
-    def __init__(self, outputs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+    def __init__(
+        self,
+        outputs: np.ndarray,
+        target: np.ndarray,
+        case: np.ndarray,
+        groups: np.ndarray | Sequence[str] | None = None,
+    ) -> None:
         self.outputs, self.target, self.case = outputs, target, np.asarray(case)
         self.n_models = outputs.shape[0]
+        self.groups = None if groups is None else _validate_groups(groups, self.case)
 
     def take(
         self, slices: np.ndarray | None, models: Sequence[int] | None
@@ -552,7 +635,49 @@ class _Objective:
             return out, self.target, self.case
         return out[:, slices], self.target[slices], self.case[slices]
 
+    def take_groups(self, slices: np.ndarray | None) -> np.ndarray | None:
+        """The groups of ``slices`` (all slices for None); None when the objective has none."""
+        if self.groups is None or slices is None:
+            return self.groups
+        return self.groups[slices]
+
+    def subset(
+        self, slices: np.ndarray | None = None, models: Sequence[int] | None = None
+    ) -> _Objective:
+        """A new objective of the same kind on ``slices``/``models``, groups subset alike."""
+        return type(self)(*self.take(slices, models), groups=self.take_groups(slices))
+
+    def slice_groups(self, slices: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+        """(label, absolute slice indices) of each group among ``slices``, labels sorted;
+        a single ``("all", slices)`` when the objective has no groups."""
+        idx = np.arange(len(self.case)) if slices is None else np.asarray(slices)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if self.groups is None:
+            return [(ALL_GROUP, idx)]
+        labels = self.groups[idx]
+        return [(str(g), idx[labels == g]) for g in np.unique(labels)]
+
+    def _scorer_of(
+        self, outputs: np.ndarray, target: np.ndarray, case: np.ndarray, per_class: bool = False
+    ) -> Scorer:
+        raise NotImplementedError
+
     def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
+        return self._scorer_of(*self.take(slices, models), per_class=per_class)
+
+    def group_scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
+        """Worst-group scorer (:class:`WorstGroupScorer`) on ``slices``; the plain
+        :meth:`scorer` when the slices hold one group (or the objective has none)."""
+        parts = self.slice_groups(slices)
+        if len(parts) == 1:
+            return self.scorer(slices, models, per_class)
+        return WorstGroupScorer(
+            [g for g, _ in parts], [self.scorer(idx, models, per_class) for _, idx in parts]
+        )
+
+    def as_member(self, outputs: np.ndarray) -> np.ndarray:
+        """One member's outputs on every slice (a baseline) -> (1, ...) like ``self.outputs``."""
         raise NotImplementedError
 
     def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
@@ -563,16 +688,44 @@ class _Objective:
 
 
 class SegmentationObjective(_Objective):
-    """probs (M, N, C, H, W), target (N, H, W) labels, case (N,); checked on creation."""
+    """probs (M, N, C, H, W), target (N, H, W) labels, case (N,), optional groups (N,) str;
+    checked on creation."""
 
-    def __init__(self, probs: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+    def __init__(
+        self,
+        probs: np.ndarray,
+        target: np.ndarray,
+        case: np.ndarray,
+        groups: np.ndarray | Sequence[str] | None = None,
+    ) -> None:
         probs, target = np.asarray(probs), np.asarray(target)
         _validate(probs, target, case)
-        super().__init__(probs, target, case)
+        super().__init__(probs, target, case, groups)
         self.n_classes = probs.shape[2]
 
-    def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
-        return _BatchScorer(*self.take(slices, models), per_class=per_class)
+    def _scorer_of(
+        self, outputs: np.ndarray, target: np.ndarray, case: np.ndarray, per_class: bool = False
+    ) -> Scorer:
+        return _BatchScorer(outputs, target, case, per_class=per_class)
+
+    def as_member(self, outputs: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) probabilities, or (N, H, W) integer labels (made one-hot)."""
+        out = np.asarray(outputs)
+        n, c, h, w = self.outputs.shape[1:]
+        if out.shape == (n, h, w) and out.dtype.kind in "iu":
+            if out.size and (out.min() < 0 or out.max() >= c):
+                raise DataError(f"baseline labels must lie in 0..{c - 1}")
+            onehot = np.zeros((n, c, h, w), dtype=np.float32)
+            np.put_along_axis(onehot, out[:, None].astype(np.int64), 1.0, axis=1)
+            return onehot[None]
+        if out.shape != (n, c, h, w) or out.dtype.kind != "f":
+            raise DataError(
+                f"a segmentation baseline must be (N, C, H, W) = {(n, c, h, w)} probabilities "
+                f"or (N, H, W) integer labels, found {out.shape} {out.dtype}"
+            )
+        if not np.all(np.isfinite(out)):
+            raise DataError("the baseline contains NaN or infinite values")
+        return out[None]
 
     def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
         return fuse_labels(self.take(slices, models)[0], result)
@@ -587,11 +740,18 @@ class SegmentationObjective(_Objective):
 
 
 class ImageObjective(_Objective):
-    """recons (M, N, H, W), target (N, H, W), case (N,); checked on creation."""
+    """recons (M, N, H, W), target (N, H, W), case (N,), optional groups (N,) str; checked
+    on creation."""
 
     n_classes = None
 
-    def __init__(self, recons: np.ndarray, target: np.ndarray, case: np.ndarray) -> None:
+    def __init__(
+        self,
+        recons: np.ndarray,
+        target: np.ndarray,
+        case: np.ndarray,
+        groups: np.ndarray | Sequence[str] | None = None,
+    ) -> None:
         recons, target = np.asarray(recons), np.asarray(target)
         if recons.ndim != 4 or recons.shape[0] == 0 or recons.shape[2:] != target.shape[1:]:
             raise DataError(
@@ -602,13 +762,69 @@ class ImageObjective(_Objective):
             raise DataError("recons, target and case must have the same number of slices")
         if not np.all(np.isfinite(recons)):
             raise DataError("recons contain NaN or infinite values")
-        super().__init__(recons, target, case)
+        super().__init__(recons, target, case, groups)
 
-    def scorer(self, slices=None, models=None, per_class: bool = False) -> Scorer:
-        return _SSIMScorer(*self.take(slices, models))
+    def _scorer_of(
+        self, outputs: np.ndarray, target: np.ndarray, case: np.ndarray, per_class: bool = False
+    ) -> Scorer:
+        return _SSIMScorer(outputs, target, case)
+
+    def as_member(self, outputs: np.ndarray) -> np.ndarray:
+        """(N, H, W) images, e.g. the zero-filled reconstructions."""
+        out = np.asarray(outputs)
+        if out.shape != self.outputs.shape[1:]:
+            raise DataError(
+                f"an image baseline must be (N, H, W) = {self.outputs.shape[1:]}, found {out.shape}"
+            )
+        if not np.all(np.isfinite(out)):
+            raise DataError("the baseline contains NaN or infinite values")
+        return out[None]
 
     def fuse(self, result: SearchResult, slices=None, models=None) -> np.ndarray:
         return combine_images(self.take(slices, models)[0], result.weights)
+
+
+def group_member_scores(
+    obj: _Objective, baseline: np.ndarray | None = None, slices: np.ndarray | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Each member's val score per group (and the baseline's as a last column).
+
+    Returns (group labels, (G, M) scores), or (G, M + 1) with ``baseline`` (one member's
+    outputs on every slice, see :func:`members_below`). Groups: the objective's among
+    ``slices``, or one ``"all"``. Each score is the plain scorer's on that group's slices.
+    """
+    extra = None if baseline is None else obj.as_member(baseline)
+    labels, rows = [], []
+    for g, idx in obj.slice_groups(slices):
+        row = obj.scorer(idx)(np.eye(obj.n_models))
+        if extra is not None:
+            base = obj._scorer_of(extra[:, idx], obj.target[idx], obj.case[idx])(np.ones((1, 1)))
+            row = np.concatenate([row, base])
+        labels.append(g)
+        rows.append(row)
+    return labels, np.vstack(rows)
+
+
+def members_below(
+    obj: _Objective, baseline: np.ndarray, slices: np.ndarray | None = None
+) -> dict[int, list[str]]:
+    """The guard: for each member index, the groups on which its mean val score is below the
+    baseline's on the same group (empty list: never below).
+
+    baseline: one member's outputs on every slice of ``obj`` (subset by ``slices`` here):
+    images (N, H, W) for reconstruction (e.g. zero-filled), probabilities (N, C, H, W) or
+    integer labels (N, H, W) for segmentation. Scored by the same scorer as the members.
+    Groups: the objective's, or one ``"all"``. A group where either score is NaN (nothing to
+    score) flags nobody. Pass the flagged members to ``search(..., exclude=...)``.
+    """
+    labels, scores = group_member_scores(obj, baseline, slices)
+    out: dict[int, list[str]] = {i: [] for i in range(obj.n_models)}
+    for g, row in zip(labels, scores, strict=True):
+        base = row[-1]
+        for i in range(obj.n_models):
+            if row[i] < base - _TIE_ATOL:  # False for NaN on either side
+                out[i].append(g)
+    return out
 
 
 class SearchGuaranteeError(RuntimeError):
@@ -624,34 +840,88 @@ def _check_not_below(method: str, score: float, floor: float, what: str) -> None
         )
 
 
+def _scorer_for(
+    obj: _Objective,
+    cfg: SearchConfig,
+    slices: np.ndarray | None,
+    models: Sequence[int] | None,
+    per_class: bool = False,
+) -> Scorer:
+    """The plain scorer, or the worst-group one when ``cfg.robust`` and ``obj`` has groups."""
+    if cfg.robust and obj.groups is not None:
+        return obj.group_scorer(slices, models, per_class)
+    return obj.scorer(slices, models, per_class)
+
+
+def _worst_note(scores: dict[str, float]) -> str:
+    finite = {g: v for g, v in scores.items() if not np.isnan(v)}
+    worst = min(finite, key=lambda g: finite[g]) if finite else next(iter(scores))
+    return (
+        f"robust: score is the worst-group val score, min over {len(scores)} groups of "
+        f"the group mean (worst {worst!r} {scores[worst]:.4f})"
+    )
+
+
+def _robust_note(
+    obj: _Objective, scorer: Scorer | None, weights: np.ndarray, slices: np.ndarray | None
+) -> tuple[str, dict[str, float]]:
+    """What robust scoring did, and each group's score of ``weights``."""
+    if obj.groups is None:
+        return "robust: the objective has no groups, score is the plain val score", {}
+    if isinstance(scorer, WorstGroupScorer):
+        per = scorer.per_group(weights[None])[:, 0]
+        scores = dict(zip(scorer.labels, map(float, per), strict=True))
+        return _worst_note(scores), scores
+    (label, _), *_ = obj.slice_groups(slices)
+    return f"robust: one group ({label!r}), score equals the plain val score", {}
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def search(
     obj: _Objective,
     cfg: SearchConfig,
     slices: np.ndarray | None = None,
     models: Sequence[int] | None = None,
+    exclude: Sequence[int] | Mapping[int, str] = (),
 ) -> SearchResult:
-    """Run ``cfg.method`` on the val outputs of ``obj`` (optionally a subset of slices/models)."""
+    """Run ``cfg.method`` on the val outputs of ``obj`` (optionally a subset of slices/models).
+
+    ``cfg.robust``: score candidates by their worst group (module doc); the result's score is
+    then the worst-group score and ``group_scores`` each group's. ``exclude``: member indices
+    of ``obj`` the search may not use, or ``{index: reason}``; the method runs on the others
+    only, and the weights keep one row per member searched (``models`` or all) with exact
+    zeros for the excluded ones; the note names them and why. Every member excluded:
+    DataError.
+    """
+    if len(exclude):
+        return _search_excluding(obj, cfg, slices, models, exclude)
     m = obj.n_models if models is None else len(models)
     if cfg.method in SEGMENTATION_ONLY and obj.n_classes is None:
         raise ConfigError(f"ensemble method {cfg.method!r} is for segmentation only")
     uniform = np.full(m, 1.0 / m)
     if cfg.method == "vote":
-        return SearchResult("vote", uniform, obj.score_vote(slices, models), 1)
-    scorer = obj.scorer(slices, models)
+        return _search_vote(obj, cfg, slices, models, uniform)
+    scorer = _scorer_for(obj, cfg, slices, models)
     if cfg.method == "mean":
         score = float(scorer(uniform[None])[0])
-        return SearchResult("mean", uniform, score, 1, [(uniform.tolist(), score)])
-    if cfg.method == "greedy":
+        result = SearchResult("mean", uniform, score, 1, [(uniform.tolist(), score)])
+    elif cfg.method == "greedy":
         result = _greedy(scorer, m, cfg)
     elif cfg.method == "per_class":
         result = _per_class(obj, cfg, slices, models)
     else:
         result = _pool_search(scorer, m, cfg)
-    if cfg.method != "per_class":  # the optimiser's promise (per_class: checked inside)
+    if cfg.method not in ("mean", "per_class"):  # the optimiser's promise (per_class: inside)
         singles = scorer(np.eye(m))
         best_single = np.nan if np.all(np.isnan(singles)) else np.nanmax(singles)
         if not np.isnan(best_single):
             _check_not_below(cfg.method, result.score, best_single, "the best single model")
+    if cfg.robust and cfg.method != "per_class":  # per_class: noted inside
+        note, result.group_scores = _robust_note(obj, scorer, result.weights, slices)
+        result.note = _join(result.note, note)
     log.debug(
         "ensemble %s: %d candidates, val %.4f",
         cfg.method,
@@ -661,18 +931,102 @@ def search(
     return result
 
 
+def _search_vote(
+    obj: _Objective,
+    cfg: SearchConfig,
+    slices: np.ndarray | None,
+    models: Sequence[int] | None,
+    uniform: np.ndarray,
+) -> SearchResult:
+    """The vote's val score; robust: the minimum over groups of each group's vote score."""
+    parts = obj.slice_groups(slices)
+    if not cfg.robust or obj.groups is None or len(parts) == 1:
+        result = SearchResult("vote", uniform, obj.score_vote(slices, models), 1)
+        if cfg.robust:
+            result.note = _robust_note(obj, None, uniform, slices)[0]
+        return result
+    scores = {g: obj.score_vote(idx, models) for g, idx in parts}
+    score = float(np.fmin.reduce(np.fromiter(scores.values(), dtype=np.float64)))
+    note = _worst_note(scores)
+    return SearchResult("vote", uniform, score, 1, note=note, group_scores=scores)
+
+
+def _search_excluding(
+    obj: _Objective,
+    cfg: SearchConfig,
+    slices: np.ndarray | None,
+    models: Sequence[int] | None,
+    exclude: Sequence[int] | Mapping[int, str],
+) -> SearchResult:
+    """:func:`search` on the members not excluded; weights padded with exact zeros."""
+    if isinstance(exclude, Mapping):
+        reasons = {int(j): str(r) for j, r in exclude.items()}
+    else:
+        reasons = {int(j): "excluded by the caller" for j in exclude}
+    for j in reasons:
+        if not 0 <= j < obj.n_models:
+            raise DataError(f"exclude: member {j} does not exist (members 0..{obj.n_models - 1})")
+    base = list(range(obj.n_models)) if models is None else [int(j) for j in models]
+    allowed = [j for j in base if j not in reasons]
+    dropped = [j for j in base if j in reasons]
+    if not allowed:
+        why = "; ".join(f"{j}: {reasons[j]}" for j in dropped)
+        raise DataError(
+            f"every ensemble member is excluded ({why}); no member is left to search weights "
+            f"for (fall back to a baseline, or relax the guard)"
+        )
+    result = search(obj, cfg, slices, allowed)
+    if not dropped:
+        return result
+    pos = np.array([base.index(j) for j in allowed])
+
+    def pad(w: np.ndarray) -> np.ndarray:
+        full = np.zeros((len(base), *w.shape[1:]), dtype=np.float64)
+        full[pos] = w
+        return full
+
+    result.weights = pad(np.asarray(result.weights))
+    result.trace = [(pad(np.asarray(w)).tolist(), s) for w, s in result.trace]
+    result.order = [int(pos[i]) for i in result.order]
+    note = f"excluded members {dropped}: " + "; ".join(f"member {j}: {reasons[j]}" for j in dropped)
+    result.note = _join(result.note, note)
+    return result
+
+
+def guarded_search(
+    obj: _Objective,
+    cfg: SearchConfig,
+    baseline: np.ndarray,
+    slices: np.ndarray | None = None,
+    models: Sequence[int] | None = None,
+) -> SearchResult:
+    """:func:`search` without the members that :func:`members_below` flags against
+    ``baseline`` on ``slices`` (below it on some group); DataError when that is every one."""
+    flagged = members_below(obj, baseline, slices)
+    candidates = range(obj.n_models) if models is None else models
+    exclude = {
+        i: f"below the baseline on group(s) {', '.join(map(repr, flagged[i]))}"
+        for i in candidates
+        if flagged[i]
+    }
+    result = search(obj, cfg, slices, models, exclude=exclude)
+    if not exclude:
+        result.note = _join(result.note, "guard: no member below the baseline on any group")
+    return result
+
+
 def _per_class(
     obj: _Objective, cfg: SearchConfig, slices: np.ndarray | None, models: Sequence[int] | None
 ) -> SearchResult:
     assert obj.n_classes is not None
     c = obj.n_classes
     m = obj.n_models if models is None else len(models)
-    base_cfg = SearchConfig("random+nelder_mead", cfg.n_random, cfg.seed)
+    base_cfg = SearchConfig("random+nelder_mead", cfg.n_random, cfg.seed, robust=cfg.robust)
     all_idx = np.arange(len(obj.case)) if slices is None else np.asarray(slices)
 
     def fit(idx: np.ndarray) -> tuple[SearchResult, np.ndarray, int]:
-        base = _pool_search(obj.scorer(idx, models), m, base_cfg)
-        w, n = _per_class_refine(obj.scorer(idx, models, per_class=True), base.weights, c, cfg)
+        base = _pool_search(_scorer_for(obj, cfg, idx, models), m, base_cfg)
+        w, n = _per_class_refine(_scorer_for(obj, cfg, idx, models, True), base.weights, c, cfg)
         return base, w, base.candidates_evaluated + n
 
     base, w, evaluated = fit(all_idx)
@@ -685,7 +1039,7 @@ def _per_class(
         for held, fitted in ((halves[0], halves[1]), (halves[1], halves[0])):
             b, wf, n = fit(all_idx[fitted])
             evaluated += n
-            held_scorer = obj.scorer(all_idx[held], models, per_class=True)
+            held_scorer = _scorer_for(obj, cfg, all_idx[held], models, per_class=True)
             s = held_scorer(np.stack([wf, np.repeat(b.weights[:, None], c, axis=1)]))
             gains.append(0.0 if np.any(np.isnan(s)) else float(s[0] - s[1]))
         if np.mean(gains) <= 0:
@@ -695,25 +1049,37 @@ def _per_class(
             note = f"held-out check kept per-class weights (gain {np.mean(gains):+.4f})"
     elif len(halves) < 2:
         note = "held-out check skipped: fewer than 2 case groups"
-    score = float(obj.scorer(slices, models, per_class=True)(w[None])[0])
+    final = _scorer_for(obj, cfg, slices, models, per_class=True)
+    score = float(final(w[None])[0])
     _check_not_below("per_class", score, base.score, "its shared weights")
     trace = [*base.trace, (w.tolist(), score)]
-    return SearchResult("per_class", w, score, evaluated, trace, note=note)
+    group_scores: dict[str, float] = {}
+    if cfg.robust:
+        robust, group_scores = _robust_note(obj, final, w, slices)
+        note = _join(note, robust)
+    return SearchResult(
+        "per_class", w, score, evaluated, trace, note=note, group_scores=group_scores
+    )
 
 
 def crossfit(
-    obj: _Objective, cfg: SearchConfig, folds: int
+    obj: _Objective,
+    cfg: SearchConfig,
+    folds: int,
+    exclude: Sequence[int] | Mapping[int, str] = (),
 ) -> tuple[np.ndarray, list[SearchResult]]:
     """Cross-fitted val outputs: each fold of whole case groups is fused with weights searched
     on the other folds only. Returns the fused outputs in val order ((N, H, W) labels or
-    images) and each fold's result; score them with the task's usual metric."""
+    images) and each fold's result; score them with the task's usual metric. ``cfg.robust``
+    scores each fit by the worst group of its own slices (groups subset per fold);
+    ``exclude`` as in :func:`search`, for every fold."""
     parts = case_folds(obj.case, folds, cfg.seed)
     fused: np.ndarray | None = None
     results = []
     everything = np.arange(len(obj.case))
     for held in parts:
         fitted = np.setdiff1d(everything, held)
-        result = search(obj, cfg, slices=fitted)
+        result = search(obj, cfg, slices=fitted, exclude=exclude)
         out = obj.fuse(result, slices=held)
         if fused is None:
             fused = np.empty((len(everything), *out.shape[1:]), dtype=out.dtype)
