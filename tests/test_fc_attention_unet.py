@@ -94,6 +94,8 @@ def test_image_domain_recon_shapes_and_grappa_identity() -> None:
     assert out.shape == (2, 23, 18) and out.dtype == torch.float32
     out.mean().backward()
     _assert_all_grads(model)
+    # the residual-on-GRAPPA identity holds before the data consistency (default "hard")
+    model = ImageDomainRecon(SMALL, data_consistency="none")
     nn.init.zeros_(model.net.head.weight)
     assert model.net.head.bias is not None
     nn.init.zeros_(model.net.head.bias)

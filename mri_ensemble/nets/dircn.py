@@ -25,7 +25,8 @@ cascades:
     is ``net_i(x_i) + g_i * refinement_{i-1}``, with a learnable scalar ``g_i``
     initialised to 0 (the network starts as the no-skip one).
 
-The output is the RSS of the final k-space's coil images, as for VarNet.
+The output is the RSS of the final k-space's coil images, as for VarNet, with the same
+optional hard DC on that k-space (``final_dc``, default on).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from .varnet import (
     NormUnet,
     SensitivityModel,
     SoftDataConsistency,
+    check_final_dc,
     check_inputs,
     check_unet_fields,
+    final_data_consistency,
     normalise,
     sens_expand,
     sens_reduce,
@@ -71,8 +74,10 @@ class DIRCNConfig:
     attention_fc_layers: int = 1
     sens_chans: int = 8
     sens_pools: int = 4
+    final_dc: bool = True  # hard DC on the final k-space: where(mask, k0, k) before the RSS
 
     def __post_init__(self) -> None:
+        check_final_dc(self.final_dc)
         if self.inner not in INNER_NETS:
             raise ConfigError(f"unknown inner {self.inner!r}; known: {', '.join(INNER_NETS)}")
         if self.cascades < 1:
@@ -175,12 +180,19 @@ class DIRCN(nn.Module):
             else:
                 inner = NormAttentionUNet(cfg.attention_config())
             self.cascades.append(DIRCNCascade(i, inner, cfg.dense, image_skip))
+        self.final_dc = cfg.final_dc  # no parameters: checkpoints load either way
 
     def forward(
         self, kspace: torch.Tensor, mask: torch.Tensor, grappa: torch.Tensor | None = None
     ) -> torch.Tensor:
         """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool,
         grappa (B, H, W) (ignored) -> RSS image (B, H, W) float32."""
+        return trss(tifft2c(self.final_kspace(kspace, mask)), dim=1)  # (B, H, W)
+
+    def final_kspace(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool ->
+        the final cascade's k-space (B, C, H, W), equal to kspace on the acquired lines
+        when ``final_dc``."""
         check_inputs(kspace, mask)
         k0 = kspace.to(torch.complex64)
         mask = mask.bool()
@@ -192,7 +204,7 @@ class DIRCN(nn.Module):
         for cascade in self.cascades:
             k, history, out_feats, refined = cascade(k, k0, mask, sens, history, feats, refined)
             feats = out_feats if self.feature_skips else None
-        return trss(tifft2c(k), dim=1)  # (B, H, W)
+        return final_data_consistency(k, k0, mask) if self.final_dc else k
 
 
 def build_dircn(in_channels: int, out_channels: int, **cfg: object) -> nn.Module:

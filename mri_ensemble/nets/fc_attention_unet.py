@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..mri.consistency import acs_sensitivities, image_data_consistency
 from ..mri.fft import tifft2c, trss
+
+DATA_CONSISTENCY = ("hard", "soft", "none")  # ImageDomainRecon's output DC
 
 
 @dataclass(frozen=True)
@@ -210,30 +213,50 @@ class ImageDomainRecon(nn.Module):
     Input channels: the zero-filled coil-combined image ``trss(tifft2c(kspace))`` and the
     GRAPPA image. The network predicts a *residual on the GRAPPA image*: GRAPPA is already a
     good estimate, so the net only learns its correction, and a zero-initialised head
-    returns GRAPPA exactly. The data pipeline scales inputs so the zero-filled image is
-    about [0, 1]; no further normalisation here beyond the net's InstanceNorm.
+    returns GRAPPA exactly (before DC). The data pipeline scales inputs so the zero-filled
+    image is about [0, 1]; no further normalisation here beyond the net's InstanceNorm.
+
+    ``data_consistency`` (``mri.consistency.image_data_consistency`` on ``grappa + net``,
+    with sensitivities from the ACS lines): ``"hard"`` (default) puts the measured k-space
+    back on the acquired lines, ``"soft"`` mixes it in with a learnable ``lam`` (initialised
+    to 1, i.e. hard), ``"none"`` returns ``grappa + net`` as R0 does. Hard and none have
+    the same parameters (old checkpoints load); soft adds ``lam``.
     """
 
     uses_grappa = True  # the data pipeline computes GRAPPA for fresh training masks
 
-    def __init__(self, cfg: FCAttentionUNetConfig) -> None:
+    def __init__(self, cfg: FCAttentionUNetConfig, data_consistency: str = "hard") -> None:
         super().__init__()
+        if data_consistency not in DATA_CONSISTENCY:
+            raise ConfigError(
+                f"unknown data_consistency {data_consistency!r}; known: "
+                f"{', '.join(DATA_CONSISTENCY)}"
+            )
+        self.data_consistency = data_consistency
         self.net = FCAttentionUNet(2, 1, cfg)
+        self.lam: nn.Parameter | None = None
+        if data_consistency == "soft":
+            self.lam = nn.Parameter(torch.ones(1))
 
     def forward(
         self, kspace: torch.Tensor, mask: torch.Tensor, grappa: torch.Tensor
     ) -> torch.Tensor:
-        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W), grappa
-        (B, H, W) float32 -> image (B, H, W) float32.
+        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool,
+        grappa (B, H, W) float32 -> image (B, H, W) float32.
 
-        ``mask`` is unused (kspace is already undersampled); it is accepted so every
-        reconstruction model has the same signature (VarNet/DIRCN need it).
+        ``mask`` marks the acquired columns for the data consistency (unused with
+        ``data_consistency="none"``, where kspace being undersampled is enough).
         """
         if not torch.is_complex(kspace):
             raise TypeError(f"kspace must be complex (B, C, H, W), found {kspace.dtype}")
         zf = trss(tifft2c(kspace))  # (B, H, W)
         x = torch.stack([zf, grappa.to(zf.dtype)], dim=1)  # (B, 2, H, W)
-        return grappa + self.net(x)[:, 0]  # (B, H, W)
+        image = grappa + self.net(x)[:, 0]  # (B, H, W)
+        if self.data_consistency == "none":
+            return image
+        sens = acs_sensitivities(kspace, mask)  # (B, C, H, W)
+        lam = self.lam if self.data_consistency == "soft" else None
+        return image_data_consistency(image, kspace, mask, sens=sens, lam=lam)  # (B, H, W)
 
 
 def build_fc_attention_unet(in_channels: int, out_channels: int, **kwargs: object) -> nn.Module:
@@ -246,4 +269,9 @@ def build_recon_attention_unet(in_channels: int, out_channels: int, **kwargs: ob
             "recon_attention_unet takes 2 input channels (zero-filled, GRAPPA) and 1 output "
             f"channel, found in_channels={in_channels}, out_channels={out_channels}"
         )
-    return ImageDomainRecon(FCAttentionUNetConfig(**kwargs))  # type: ignore[arg-type]
+    dc = kwargs.pop("data_consistency", "hard")
+    if not isinstance(dc, str):
+        raise ConfigError(
+            f"data_consistency must be one of {', '.join(DATA_CONSISTENCY)}, found {dc!r}"
+        )
+    return ImageDomainRecon(FCAttentionUNetConfig(**kwargs), data_consistency=dc)  # type: ignore[arg-type]

@@ -13,7 +13,10 @@ channels of the reduced image; R0 gives its bottleneck a fully connected path (s
 Differences from fastMRI's ``varnet.py``: the FC bottleneck (R0), an ACS detection that
 works per batch element on a (B, W) mask, a soft data consistency written so that
 ``lam = 1`` puts k0 back *exactly* on the acquired lines, and sensitivity maps divided by
-``max(RSS, eps)`` so that coils without signal give zeros rather than NaNs.
+``max(RSS, eps)`` so that coils without signal give zeros rather than NaNs. With
+``final_dc`` (default) the final k-space gets a hard DC, ``k_T = where(M, k0, k_T)``, so
+the output's coil k-space equals the measurement on the acquired lines (the last
+cascade's ``lam`` then gets no gradient: only the acquired lines depend on it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..mri.consistency import acs_mask
 from ..mri.fft import channels_to_complex, complex_to_channels, tfft2c, tifft2c, trss
 
 _EPS = 1e-12  # floor of the RSS that sensitivity maps are divided by
@@ -42,9 +46,11 @@ class VarNetConfig:
     fc_dropout: float = 0.5  # after the FC layer (R0)
     sens_chans: int = 8  # first-layer channels of the sensitivity U-Net (R0)
     sens_pools: int = 4
+    final_dc: bool = True  # hard DC on the final k-space: where(mask, k0, k) before the RSS
 
     def __post_init__(self) -> None:
         check_unet_fields(self.chans, self.pools, self.fc_grid, self.fc_hidden, self.fc_dropout)
+        check_final_dc(self.final_dc)
         if self.cascades < 1:
             raise ConfigError(f"cascades must be >= 1, found {self.cascades}")
         if self.sens_chans < 1 or self.sens_pools < 1:
@@ -69,6 +75,12 @@ def check_unet_fields(
         )
     if not 0.0 <= fc_dropout < 1.0:
         raise ConfigError(f"fc_dropout must be in [0, 1), found {fc_dropout}")
+
+
+def check_final_dc(final_dc: object) -> None:
+    """``final_dc`` must be a bool (YAML ``true``/``false``), shared with ``DIRCNConfig``."""
+    if not isinstance(final_dc, bool):
+        raise ConfigError(f"final_dc must be true or false, found {final_dc!r}")
 
 
 # --------------------------------------------------------------------------- U-Net parts
@@ -230,20 +242,6 @@ class NormUnet(nn.Module):
 # --------------------------------------------------------------------- k-space operators
 
 
-def acs_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The auto-calibration lines: the contiguous acquired block around column ``W // 2``.
-
-    mask (B, W) bool (True = acquired) -> (B, W) bool, per batch element. Where the
-    centre column is not acquired there is no ACS block, and all acquired lines are used.
-    """
-    m = mask.bool().to(torch.int32)  # (B, W)
-    c = m.shape[-1] // 2
-    right = torch.cumprod(m[:, c:], dim=1)  # (B, W - c): 1 until the first gap right of c
-    left = torch.cumprod(m[:, : c + 1].flip(1), dim=1).flip(1)  # (B, c + 1)
-    acs = torch.cat([left[:, :-1], right], dim=1).bool()  # (B, W)
-    return torch.where(acs.any(dim=1, keepdim=True), acs, mask.bool())
-
-
 def sens_expand(image: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
     """E then F: image (B, 1, H, W) complex, sens (B, C, H, W) -> k-space (B, C, H, W)."""
     return tfft2c(image * sens)
@@ -312,6 +310,11 @@ class VarNetCascade(nn.Module):
         return self.dc(k, k0, mask) - sens_expand(channels_to_complex(y), sens)
 
 
+def final_data_consistency(k: torch.Tensor, k0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hard DC: k, k0 (B, C, H, W), mask (B, W) bool -> k0 on the acquired lines, k elsewhere."""
+    return torch.where(mask.bool()[:, None, None, :], k0, k)
+
+
 def check_inputs(kspace: torch.Tensor, mask: torch.Tensor) -> None:
     """Raise ``ValueError`` unless kspace is complex (B, C, H, W) and mask is (B, W)."""
     if not torch.is_complex(kspace) or kspace.dim() != 4:
@@ -336,12 +339,12 @@ class VarNet(nn.Module):
                 bottom = cfg.chans * 2**cfg.pools
                 fc = FCBottleneck(bottom, cfg.fc_grid, cfg.fc_hidden, cfg.fc_dropout)
             self.cascades.append(VarNetCascade(NormUnet(cfg.chans, cfg.pools, fc=fc)))
+        self.final_dc = cfg.final_dc  # no parameters: checkpoints load either way
 
-    def forward(
-        self, kspace: torch.Tensor, mask: torch.Tensor, grappa: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool,
-        grappa (B, H, W) (ignored) -> RSS image (B, H, W) float32."""
+    def final_kspace(self, kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool ->
+        the final cascade's k-space (B, C, H, W), equal to kspace on the acquired lines
+        when ``final_dc``."""
         check_inputs(kspace, mask)
         k0 = kspace.to(torch.complex64)
         mask = mask.bool()
@@ -349,7 +352,14 @@ class VarNet(nn.Module):
         k = k0
         for cascade in self.cascades:
             k = cascade(k, k0, mask, sens)
-        return trss(tifft2c(k), dim=1)  # (B, H, W)
+        return final_data_consistency(k, k0, mask) if self.final_dc else k
+
+    def forward(
+        self, kspace: torch.Tensor, mask: torch.Tensor, grappa: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """kspace (B, C, H, W) complex64 (zeros where not acquired), mask (B, W) bool,
+        grappa (B, H, W) (ignored) -> RSS image (B, H, W) float32."""
+        return trss(tifft2c(self.final_kspace(kspace, mask)), dim=1)  # (B, H, W)
 
 
 def build_varnet(in_channels: int, out_channels: int, **cfg: object) -> nn.Module:
