@@ -91,6 +91,7 @@ from .ensemble import combine, ensemble_members, vote
 from .errors import ConfigError, DataError, OutputError
 from .io import atomic_path
 from .metrics import CLASS_NAMES
+from .mri.consistency import consistent_image_np
 from .mri.fft import ifft2c, rss
 from .mri.grappa import grappa_image
 from .mri.masks import MaskSpec, acs_bounds, volume_mask
@@ -214,6 +215,16 @@ def read_ensemble(root: Path, task: str) -> tuple[str, dict[str, Weight]]:
     return method, weights
 
 
+def _fused_consistency(root: Path, task: str) -> bool:
+    """Whether ``ensemble.json`` asks for data consistency on the fused image (reconstruction;
+    files written before it existed: no)."""
+    try:
+        report = json.loads(ensemble_path(root, task).read_text())
+        return bool((report.get("data_consistency") or {}).get("on", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def model_choices(root: Path, task: str) -> list[str]:
     """What can be chosen: ``"ensemble"`` (when its weights exist) then the trained models."""
     models = trained_models(root, task)
@@ -252,6 +263,7 @@ class Predictor:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     seed: int = 0
     method: str = "weighted"
+    data_consistency: bool = False  # reconstruction ensembles: put acquired lines back
 
     @property
     def weights(self) -> np.ndarray:
@@ -394,6 +406,7 @@ def load_predictor(
         class_names=class_names,
         seed=int(params.get("seed", 0)),
         method=method,
+        data_consistency=name == ENSEMBLE and _fused_consistency(root, task),
     )
     _ = pred.weights  # per-class weights must name the models' classes
     log.info("loaded %s on %s", pred.describe(), dev)
@@ -960,7 +973,11 @@ def reconstruct_kspace(
                 img = member.model(k, m, g)  # (B, H, W)
             acc += wm * img.float().cpu().numpy().astype(np.float64)
         out.append(acc * sc)
-    return np.concatenate(out).astype(np.float32)
+    fused = np.concatenate(out).astype(np.float32)
+    if predictor.data_consistency:  # the fused image gets the members' hard DC step
+        masks = np.repeat(np.asarray(mask, bool)[None], s_count, 0)
+        fused = consistent_image_np(fused, masked_kspace.astype(np.complex64), masks)
+    return fused
 
 
 def reconstruct_file(

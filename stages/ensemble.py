@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from mri_ensemble.baselines import threshold_segmentation
 from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
-from mri_ensemble.data.prepared import read_segmentation_h5
-from mri_ensemble.data.prepared_recon import read_reconstruction_h5
+from mri_ensemble.data.prepared import read_segmentation_h5, scored_splits
+from mri_ensemble.data.prepared_recon import contrast_groups, read_reconstruction_h5
 from mri_ensemble.ensemble import (
     METHODS,
     SEGMENTATION_ONLY,
@@ -37,11 +37,13 @@ from mri_ensemble.ensemble import (
     crossfit,
     forward_selection,
     leave_one_out,
+    members_below,
     search,
 )
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
 from mri_ensemble.metrics import CLASS_NAMES, segmentation_scores
+from mri_ensemble.mri.consistency import consistent_image_np
 from mri_ensemble.mri.quality import reconstruction_scores
 from mri_ensemble.reconstruction import zero_filled
 from mri_ensemble.segmentation import class_names_of
@@ -85,58 +87,99 @@ def weights_json(weights: np.ndarray, models: list[str], names: list[str]) -> di
 
 
 def load_task(task: str, models: list[str], predictions: Path, data: Path) -> dict[str, Any]:
-    """Val and test objectives (outputs, truth, case), class names and baselines of a task."""
+    """Objectives (outputs, truth, case) of val, test and every shifted test set, class
+    names, baselines, and (reconstruction) what data consistency on the fused image needs."""
+    splits = scored_splits(data)
     if task == "segmentation":
-        sets = {s: read_segmentation_h5(data / f"{s}.h5") for s in ("val", "test")}
+        sets = {s: read_segmentation_h5(data / f"{s}.h5") for s in splits}
         objs = {
             s: SegmentationObjective(load_stack(predictions, models, s, d.case), d.label, d.case)
             for s, d in sets.items()
         }
         names = class_names_of(sets["test"])
-        baselines = {}
+        baselines: dict[str, dict] = {}
         if names == list(CLASS_NAMES):  # the threshold baseline knows cardiac anatomy only
-            test = sets["test"]
-            threshold = threshold_segmentation(test.image, test.case)
-            baselines["threshold"] = {"test": segmentation_scores(threshold, test.label, test.case)}
-        return {"objs": objs, "names": names, "baselines": baselines}
-    rsets = {s: read_reconstruction_h5(data / f"{s}.h5") for s in ("val", "test")}
-    robjs = {
+            baselines["threshold"] = {
+                s: segmentation_scores(threshold_segmentation(d.image, d.case), d.label, d.case)
+                for s, d in sets.items()
+                if s != "val"
+            }
+        return {"objs": objs, "names": names, "baselines": baselines, "measured": {}}
+    rsets = {s: read_reconstruction_h5(data / f"{s}.h5") for s in splits}
+    robjs = {  # val groups: contrasts (robust selection and the guard score per group)
         s: ImageObjective(
-            load_stack(predictions, models, s, d.case, read_reconstructions), d.target, d.case
+            load_stack(predictions, models, s, d.case, read_reconstructions),
+            d.target,
+            d.case,
+            groups=contrast_groups(d.case),
         )
         for s, d in rsets.items()
     }
+    zf = {s: zero_filled(d) for s, d in rsets.items()}
     rbaselines = {
         "zero_filled": {
-            s: reconstruction_scores(zero_filled(d), d.target, d.case) for s, d in rsets.items()
+            s: reconstruction_scores(zf[s], d.target, d.case) for s, d in rsets.items()
         },
         "grappa": {s: reconstruction_scores(d.grappa, d.target, d.case) for s, d in rsets.items()},
     }
-    return {"objs": robjs, "names": [], "baselines": rbaselines}
+    measured = {s: (d.kspace * d.mask[:, None, None, :], d.mask) for s, d in rsets.items()}
+    return {
+        "objs": robjs,
+        "names": [],
+        "baselines": rbaselines,
+        "measured": measured,
+        "zero_filled": zf,
+    }
+
+
+def fuse(t: dict, split: str, result: SearchResult, models: list[int] | None = None) -> np.ndarray:
+    """The fused output of ``split``; reconstruction: with the acquired k-space lines put
+    back (hard data consistency) when ``t["data_consistency"]``."""
+    fused = t["objs"][split].fuse(result, models=models)
+    if t.get("measured") and t.get("data_consistency", True):
+        fused = consistent_image_np(fused, *t["measured"][split])
+    return fused
+
+
+def method_key(cfg: SearchConfig) -> str:
+    """A method's name in the outputs: ``<method>/worst_group`` for robust selection."""
+    return f"{cfg.method}/worst_group" if cfg.robust else cfg.method
+
+
+def eval_splits(t: dict) -> list[str]:
+    """The splits scored after the search: test and the shifted test sets."""
+    return [s for s in t["objs"] if s != "val"]
 
 
 def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[str]) -> dict:
-    """One method: weights on all of val, cross-fitted val score, test score."""
-    val, test = t["objs"]["val"], t["objs"]["test"]
+    """One method: weights on all of val, cross-fitted val score, test and shifted scores."""
+    val = t["objs"]["val"]
+    exclude = t.get("exclude", {})
     t0 = time.perf_counter()
-    result = search(val, cfg)
+    result = search(val, cfg, exclude=exclude)
     seconds = time.perf_counter() - t0
     crossfitted = {}
     if folds:  # 0: the user asked for no cross-fitting; anything else must work
         try:
-            fused_cf, _ = crossfit(val, cfg, folds)
+            fused_cf, _ = crossfit(val, cfg, folds, exclude=exclude)
         except DataError as exc:  # e.g. a val set of one patient: nothing to hold out
             raise DataError(
                 f"ensemble@{task}: method {cfg.method!r}: {exc} in the val split; add val "
                 f"cases or set ensemble.{task}.crossfit_folds: 0 to skip cross-fitting"
             ) from exc
+        if t.get("measured") and t.get("data_consistency", True):
+            fused_cf = consistent_image_np(fused_cf, *t["measured"]["val"])
         crossfitted = _scores(task, fused_cf, val.target, val.case, t["names"])
+    scored = {
+        s: _scores(task, fuse(t, s, result), t["objs"][s].target, t["objs"][s].case, t["names"])
+        for s in eval_splits(t)
+    }
     return {
-        "method": cfg.method,
+        "method": method_key(cfg),
         "weights": weights_json(result.weights, models, t["names"]),
-        "val": _scores(task, val.fuse(result), val.target, val.case, t["names"]),
+        "val": _scores(task, fuse(t, "val", result), val.target, val.case, t["names"]),
         "crossfit": crossfitted,
-        "test": _scores(task, test.fuse(result), test.target, test.case, t["names"]),
+        **scored,
         "val_search_score": result.score,
         "candidates_evaluated": result.candidates_evaluated,
         "note": result.note,
@@ -154,7 +197,7 @@ def sizes_and_leave_one_out(
     val, test = t["objs"]["val"], t["objs"]["test"]
 
     def test_score(result: SearchResult, members: list[int]) -> float:
-        fused = test.fuse(result, models=members)
+        fused = fuse(t, "test", result, models=members)
         return float(_scores(task, fused, test.target, test.case, t["names"])[key])
 
     sizes = []
@@ -210,22 +253,58 @@ def main() -> None:
         if not path.is_file():
             raise DataError(f"{path}: missing; run evaluate@{args.task}-{m} first")
         mj = json.loads(path.read_text())
-        per_model[m] = {"val": mj["val"], "test": mj["test"], "params": mj["params"]}
+        per_model[m] = {
+            k: v for k, v in mj.items() if k in ("val", "test", "params") or k.startswith("shift_")
+        }
     t = load_task(args.task, models, args.predictions, args.data)
     key = KEY_METRIC[args.task]
+    guard = p.get("guard", "zero_filled") if args.task == "reconstruction" else "none"
+    if guard not in ("zero_filled", "none"):
+        raise ConfigError(
+            f"params.yaml: ensemble.{args.task}.guard should be zero_filled or none, found {guard!r}"
+        )
+    dc = p.get("data_consistency", True)
+    if not isinstance(dc, bool):
+        raise ConfigError(
+            f"params.yaml: ensemble.{args.task}.data_consistency should be true or false, "
+            f"found {dc!r}"
+        )
+    t["data_consistency"] = dc
+    dropped: dict[str, list[str]] = {}
+    if guard == "zero_filled":  # never ship a member below zero-filled on any val group
+        below = members_below(t["objs"]["val"], t["zero_filled"]["val"])
+        dropped = {models[i]: groups for i, groups in below.items() if groups}
+        t["exclude"] = {
+            i: f"{models[i]}: below zero-filled on val group(s) {', '.join(groups)}"
+            for i, groups in below.items()
+            if groups
+        }
+        if len(dropped) == len(models):  # nothing left to ship: say so, do not hide it
+            log.warning(
+                "guard: every member is below zero-filled on some val group (%s); the guard "
+                "cannot apply and the report marks this ensemble as not fit to deploy",
+                dropped,
+            )
+            t["exclude"] = {}
+        else:
+            for name, groups in dropped.items():
+                log.warning(
+                    "guard: %s is below zero-filled on val group(s) %s: weight 0", name, groups
+                )
 
     methods = {}
     for cfg in tqdm(configs, desc=f"ensemble methods ({args.task})", disable=None):
-        methods[cfg.method] = run_method(args.task, t, cfg, folds, models)
+        name = method_key(cfg)
+        methods[name] = run_method(args.task, t, cfg, folds, models)
         log.info(
             "%s: val %s %.4f in-sample, %.4f cross-fitted; test %.4f (%d candidates, %.2f s)",
-            cfg.method,
+            name,
             key,
-            methods[cfg.method]["val"][key],
-            methods[cfg.method]["crossfit"].get(key, float("nan")),
-            methods[cfg.method]["test"][key],
-            methods[cfg.method]["candidates_evaluated"],
-            methods[cfg.method]["_seconds"],
+            methods[name]["val"][key],
+            methods[name]["crossfit"].get(key, float("nan")),
+            methods[name]["test"][key],
+            methods[name]["candidates_evaluated"],
+            methods[name]["_seconds"],
         )
     shipped = configs[0]
     params_of = {m: int(per_model[m]["params"]) for m in models}
@@ -233,41 +312,62 @@ def main() -> None:
     results = {name: entry.pop("_result") for name, entry in methods.items()}
     seconds = {name: entry.pop("_seconds") for name, entry in methods.items()}
 
-    def summary(entry: dict) -> dict:
-        return {k: entry[k] for k in ("method", "weights", "val", "crossfit", "test")}
+    scored = ["val", "crossfit", *eval_splits(t)]
 
-    ens = summary(methods[shipped.method])
+    def summary(entry: dict) -> dict:
+        return {k: entry[k] for k in ("method", "weights", *scored)}
+
+    ens = summary(methods[method_key(shipped)])
     metrics = {
         "models": per_model,
         "ensemble": ens,
         "methods": {
-            name: {split: _key_scores(e[split], args.task) for split in ("val", "crossfit", "test")}
+            name: {split: _key_scores(e[split], args.task) for split in scored}
             for name, e in methods.items()
         },
         "baselines": t["baselines"],
+        "guard": {"baseline": guard, "dropped": dropped, "all_below": len(dropped) == len(models)},
     }
     details = {
         **ens,
         "crossfit_folds": folds,
-        "val_search_score": methods[shipped.method]["val_search_score"],
-        "candidates_evaluated": methods[shipped.method]["candidates_evaluated"],
-        "trace": methods[shipped.method]["trace"],
+        "val_search_score": methods[method_key(shipped)]["val_search_score"],
+        "candidates_evaluated": methods[method_key(shipped)]["candidates_evaluated"],
+        "trace": methods[method_key(shipped)]["trace"],
         "unweighted_mean": {s: methods["mean"][s] for s in ("val", "test")}
         if "mean" in methods
         else None,
         "methods": methods,
         "sizes": sizes,
         "leave_one_out": loo,
+        "guard": metrics["guard"],
+        "robust": bool(shipped.robust),
+        "val_groups": sorted(set(t["objs"]["val"].groups))
+        if t["objs"]["val"].groups is not None
+        else [],
     }
+    if t.get("measured"):  # the fused image with and without data consistency, every split
+        result = results[method_key(shipped)]
+        with_dc = {}
+        for flag in (True, False):
+            t["data_consistency"] = flag
+            with_dc[str(flag).lower()] = {
+                s: _key_scores(
+                    _scores(args.task, fuse(t, s, result), o.target, o.case, []), args.task
+                )
+                for s, o in t["objs"].items()
+            }
+        t["data_consistency"] = dc
+        details["data_consistency"] = {"on": dc, "scores": with_dc}
     write_json(args.out / "ensemble.json", details)
     write_json(args.out / "metrics.json", metrics)
-    log_methods(params, args.task, models, methods, results, seconds, shipped.method)
+    log_methods(params, args.task, models, methods, results, seconds, method_key(shipped))
 
     best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
     log.info(
         "shipped ensemble %s: val %s %.4f (best single %s %.4f), cross-fitted %.4f, test %.4f "
         "(best single %.4f)",
-        shipped.method,
+        method_key(shipped),
         key,
         ens["val"][key],
         best_single,
@@ -285,7 +385,9 @@ def _key_scores(scores: dict, task: str) -> dict:
 
 def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], int]:
     """The shipped method first, then the compared ones (params ``ensemble.<task>``)."""
-    known = {"method", "compare", "n_random", "rounds", "penalty", "crossfit_folds"}
+    known = {"method", "compare", "n_random", "rounds", "penalty", "crossfit_folds", "robust"}
+    if task == "reconstruction":
+        known |= {"guard", "data_consistency"}
     unknown = sorted(set(p) - known)
     if unknown:
         raise ConfigError(
@@ -309,6 +411,16 @@ def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], i
             f"params.yaml: ensemble.{task}.crossfit_folds should be an int >= 2 (or 0: no "
             f"cross-fitting), found {folds!r}"
         )
+    robust = p.get("robust", False)
+    if not isinstance(robust, bool):
+        raise ConfigError(
+            f"params.yaml: ensemble.{task}.robust should be true or false, found {robust!r}"
+        )
+    # robust: the shipped method selects on the worst val group; every compared method,
+    # and the shipped method itself, are also run on the val mean, to compare the two
+    plan = [(names[0], robust)] + [(n, False) for n in names[1:]]
+    if robust:
+        plan.insert(1, (names[0], False))
     configs = [
         SearchConfig(
             name,
@@ -316,8 +428,9 @@ def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], i
             seed=seed,
             rounds=int(p.get("rounds", 25)),
             penalty=float(p.get("penalty", 0.01)),
+            robust=flag,
         )
-        for name in names
+        for name, flag in dict.fromkeys(plan)
     ]
     return configs, folds
 
@@ -355,7 +468,12 @@ def log_methods(
             mlflow.log_metrics(
                 {
                     f"{split}_{k}".replace(".", "_"): v
-                    for split in ("val", "crossfit", "test")
+                    for split in (
+                        "val",
+                        "crossfit",
+                        *(k for k in entry if k.startswith("shift")),
+                        "test",
+                    )
                     for k, v in flatten(entry[split]).items()
                     if isinstance(v, float) and np.isfinite(v)
                 }

@@ -1,9 +1,11 @@
-"""evaluate@<task>-<model>: score the best checkpoint on val and test, save its outputs.
+"""evaluate@<task>-<model>: score the best checkpoint on val, test and every shifted test
+set, save its outputs.
 
-Writes ``<out>/{val,test}.h5`` (probabilities or reconstructions for the ensemble) and
-``<out>/metrics.json`` (segmentation: Dice and IoU per class and mean foreground;
-reconstruction: SSIM, PSNR, NMSE per volume and mean), and logs ``best_val_*`` and
-``test_*`` metrics to the model's MLflow run.
+Writes ``<out>/<split>.h5`` (probabilities or reconstructions for the ensemble) for val,
+test and each ``shift_<name>`` the prepared folder holds, and ``<out>/metrics.json``
+(segmentation: Dice and IoU per class and mean foreground; reconstruction: SSIM, PSNR,
+NMSE per volume and mean), and logs ``best_val_*``, ``test_*`` and ``shift_<name>_*``
+metrics to the model's MLflow run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mri_ensemble.data.predictions import write_probabilities, write_reconstructions
-from mri_ensemble.data.prepared import read_segmentation_h5
+from mri_ensemble.data.prepared import read_segmentation_h5, scored_splits
 from mri_ensemble.data.prepared_recon import read_reconstruction_h5
 from mri_ensemble.io import atomic_path, write_json
 from mri_ensemble.metrics import segmentation_scores
@@ -52,9 +54,10 @@ def main() -> None:
     model, ckpt = load_model(args.checkpoint, device)
     metrics: dict = {"params": count_parameters(model), "best_epoch": ckpt["epoch"]}
     task = entry["task"]
+    splits = scored_splits(args.data)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
-        for split in ("val", "test"):
+        for split in splits:
             path, attrs = args.data / f"{split}.h5", {"model": entry["model"]}
             if task == "reconstruction":
                 recon_set = read_reconstruction_h5(path)
@@ -76,23 +79,22 @@ def main() -> None:
         import mlflow
 
         # val_* is the per-epoch series of the training run; the best checkpoint's val
-        # scores are best_val_*, test scores test_* (same names for every model).
+        # scores are best_val_*, test scores test_*, shifted sets' shift_<name>_* (same
+        # names for every model).
         mlflow.log_metrics(
             {
-                f"{'test' if split == 'test' else 'best_val'}_{k}".replace(".", "_"): v
-                for split in ("val", "test")
+                f"{'best_val' if split == 'val' else split}_{k}".replace(".", "_"): v
+                for split in splits
                 for k, v in flatten(metrics[split]).items()
                 if isinstance(v, float) and np.isfinite(v)
             }
         )
     key = KEY_METRIC[task]
     log.info(
-        "%s: val %s %.4f, test %s %.4f",
+        "%s: %s %s",
         args.name,
         key,
-        metrics["val"][key],
-        key,
-        metrics["test"][key],
+        ", ".join(f"{split} {metrics[split][key]:.4f}" for split in splits),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,8 +31,12 @@ from mri_ensemble.data.acdc import split_patients, verify_acdc
 from mri_ensemble.data.fastmri import list_fastmri, prepare_volume, read_fastmri, verify_fastmri
 from mri_ensemble.data.folder import BINARY_CLASSES, list_pairs, read_folder
 from mri_ensemble.data.phantom import write_acdc_phantom
-from mri_ensemble.data.prepared import class_frequencies, write_segmentation_h5
-from mri_ensemble.data.prepared_recon import ReconstructionSet, write_reconstruction_h5
+from mri_ensemble.data.prepared import SHIFT_PREFIX, class_frequencies, write_segmentation_h5
+from mri_ensemble.data.prepared_recon import (
+    ReconstructionSet,
+    contrast_group,
+    write_reconstruction_h5,
+)
 from mri_ensemble.data.simulate import simulate_brain
 from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path
@@ -42,6 +47,8 @@ from mri_ensemble.mri.masks import MaskSpec, volume_mask
 from .common import cli, get, load_params, log
 
 SOURCES = ("phantom", "acdc", "folder")
+# shifted test sets of the phantom: name -> acquisition regime (mri_ensemble.data.phantom)
+PHANTOM_SHIFTS = {"acquisition": "shifted"}
 RECON_SOURCES = ("simulated", "fastmri")
 
 
@@ -92,6 +99,30 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
             by_case = verify_acdc(root, size=size, spacing_mm=spacing, progress=True)
             cases = list(by_case)
             attrs = {"source": source, "size": size, "spacing_mm": spacing, "seed": seed}
+        shifted = {}
+        for name, value in dict(p.get("shifted") or {}).items():
+            if isinstance(value, str) and source != "folder":  # a folder in the ACDC layout
+                shifted[name] = verify_acdc(
+                    Path(value), size=size, spacing_mm=spacing, progress=True
+                )
+                continue
+            if source != "phantom":
+                log.info(
+                    "ingest.segmentation.shifted.%s: a phantom regime, skipped for %s", name, source
+                )
+                continue
+            if name not in PHANTOM_SHIFTS or isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(
+                    f"params.yaml: ingest.segmentation.shifted.{name}: expected a patient count "
+                    f"of a phantom regime ({', '.join(PHANTOM_SHIFTS)}) or an ACDC folder, "
+                    f"found {value!r}"
+                )
+            shift_root = Path(raw) / f"shift_{name}"
+            log.info("writing %d phantom patients of the %r regime", value, name)
+            write_acdc_phantom(
+                shift_root, n_patients=value, seed=seed, first_id=901, regime=PHANTOM_SHIFTS[name]
+            )
+            shifted[name] = verify_acdc(shift_root, size=size, spacing_mm=spacing, progress=True)
     split = split_patients(cases, fractions, seed)
     summary: dict = {"source": source, "patients": split, "slices": {}}
     with atomic_path(out) as tmp:
@@ -113,8 +144,35 @@ def ingest_segmentation(p: dict, seed: int, out: Path) -> None:
                 summary["train_class_frequencies"] = dict(
                     zip(class_names, map(float, freq), strict=True)
                 )
+        summary["shifted"] = {}
+        for name, volumes in shifted.items():
+            vols = [v for members in volumes.values() for v in members]
+            write_segmentation_h5(
+                tmp / f"{SHIFT_PREFIX}{name}.h5",
+                vols,
+                dict(attrs, split=SHIFT_PREFIX + name, class_names=json.dumps(class_names)),
+            )
+            summary["shifted"][SHIFT_PREFIX + name] = sorted(volumes)
+            summary["slices"][SHIFT_PREFIX + name] = int(sum(len(v.label) for v in vols))
         (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %s: %s slices", out, summary["slices"])
+
+
+def stratified_split(
+    names: list[str], fractions: dict, seed: int, group_of: Callable[[str], str]
+) -> dict[str, list[str]]:
+    """``split_patients`` within each group (e.g. contrast), merged: every split holds every
+    group in about the fractions' proportions. One group: exactly ``split_patients``."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(group_of(n), []).append(n)
+    if len(groups) == 1 or min(map(len, groups.values())) < len(fractions):
+        return split_patients(names, fractions, seed)
+    split: dict[str, list[str]] = {k: [] for k in fractions}
+    for members in groups.values():
+        for k, v in split_patients(members, fractions, seed).items():
+            split[k] += v
+    return {k: sorted(v) for k, v in split.items()}
 
 
 def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
@@ -130,11 +188,17 @@ def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
     spec = MaskSpec.from_mapping(get(p, "mask", kind=dict))
     grappa_cfg = dict(get(p, "grappa", {}, kind=dict))
     fractions = get(p, "split", kind=dict)
+    folders = dict(p.get("shifted") or {})
+    if not all(isinstance(v, str) and v for v in folders.values()):
+        raise ConfigError(
+            "params.yaml: ingest.reconstruction.shifted should map a name to a folder of "
+            f"fastMRI files, found {folders!r}"
+        )
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as raw:
         tmp.mkdir()
         if source == "simulated":
-            log.info("simulating %d-coil k-space from the MNI152 template", coils)
-            files = simulate_brain(
+            log.info("simulating %d-coil k-space of virtual MNI152 subjects", coils)
+            sets = simulate_brain(
                 Path(raw),
                 n_coils=coils,
                 size=(size[0], size[1]),
@@ -142,15 +206,23 @@ def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
                 progress=True,
                 **dict(get(p, "simulation", {}, kind=dict)),
             )
+            files = sets.pop("support")
         else:
             if not p.get("path"):
                 raise ConfigError("params.yaml: ingest.reconstruction.path must name a folder")
             files = list_fastmri(Path(p["path"]))
-            # every file checked before any is prepared: all problems in one message
-            verify_fastmri(files, (size[0], size[1]), coils, progress=True)
+            sets = {}
+        sets.update({name: list_fastmri(Path(folder)) for name, folder in folders.items()})
+        # every file checked before any is prepared: all problems in one message
+        verify_fastmri(
+            [f for group in (files, *sets.values()) for f in group],
+            (size[0], size[1]),
+            coils,
+            progress=True,
+        )
         by_name = {f.stem: f for f in files}
-        split = split_patients(list(by_name), fractions, seed)
-        summary: dict = {"source": source, "volumes": split, "slices": {}, "baselines": {}}
+        split = stratified_split(list(by_name), fractions, seed, contrast_group)
+        summary: dict = {"source": source, "volumes": split, "slices": {}, "shifted": {}}
         attrs = {
             "source": source,
             "size": list(size),
@@ -159,14 +231,19 @@ def ingest_reconstruction(p: dict, seed: int, out: Path) -> None:
             "mask": asdict(spec),
             "grappa": grappa_cfg,
         }
-        for name, members in split.items():
-            data = prepare_split(
-                [by_name[m] for m in members], size, coils, spec, grappa_cfg, seed, name
-            )
+        parts = [(name, [by_name[m] for m in members]) for name, members in split.items()]
+        parts += [(SHIFT_PREFIX + name, paths) for name, paths in sets.items()]
+        for name, paths in parts:
+            data = prepare_split(paths, size, coils, spec, grappa_cfg, seed, name)
             data.attrs = {**attrs, "split": name}
             write_reconstruction_h5(tmp / f"{name}.h5", data)
             summary["slices"][name] = len(data)
+            if name.startswith(SHIFT_PREFIX):
+                summary["shifted"][name] = [p.stem for p in paths]
             summary["acceleration"] = float(data.mask.shape[1] / data.mask.sum(1).mean())
+        summary["groups"] = {
+            name: sorted({contrast_group(m) for m in members}) for name, members in split.items()
+        }
         (tmp / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %s: %s slices", out, summary["slices"])
 

@@ -107,7 +107,8 @@ def _bundle(root: Path, task: str, dest: Path) -> tuple[dict[str, Any], str]:
         shutil.copy2(ckpt, dest / "models" / task / m / "best.pt")
         h.update(_sha256(ckpt).encode())
     (dest / "reports" / task).mkdir(parents=True)
-    slim = {k: ens[k] for k in ("method", "weights", "val", "test", "crossfit") if k in ens}
+    keep = ("method", "weights", "val", "test", "crossfit", "data_consistency")
+    slim = {k: ens[k] for k in keep if k in ens}
     (dest / "reports" / task / "ensemble.json").write_text(json.dumps(slim, indent=1))
     shutil.copy2(root / "params.yaml", dest / "params.yaml")
     (dest / "task.json").write_text(json.dumps({"task": task}))

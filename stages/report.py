@@ -221,6 +221,7 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
     plot_segmentation_overlays(
         test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", names
     )
+    lines += [*shifted_block(task, metrics), ""]
     lines += ensemble_science(task, "iou", rep, figures)
     for name, title in (
         ("loss_curves", "Loss curves"),
@@ -307,6 +308,24 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     images.update({m: recons[i] for i, m in enumerate(models)})
     images["ensemble"] = combine_images(recons, weights)
     plot_reconstructions(test.target[idx], images, figures / f"{task}_examples.png")
+    lines += [*shifted_block(task, metrics), ""]
+    dc = ens_details.get("data_consistency")
+    if dc:
+        splits = list(dc["scores"]["true"])
+        lines += [
+            "Data consistency on the fused image (the acquired k-space lines put back; "
+            f"shipped: {'on' if dc['on'] else 'off'}), SSIM:",
+            "",
+            "| fused ensemble | " + " | ".join(splits) + " |",
+            "|---|" + "---:|" * len(splits),
+            *(
+                f"| {'with' if flag == 'true' else 'without'} data consistency | "
+                + " | ".join(fmt(dc["scores"][flag][s]["ssim"]) for s in splits)
+                + " |"
+                for flag in ("true", "false")
+            ),
+            "",
+        ]
     lines += ensemble_science(task, "ssim", rep, figures)
     for name, title in (
         ("loss_curves", "Loss curves"),
@@ -341,6 +360,72 @@ def _cell(scores: dict | None, key: str) -> str:
     if x is None or not np.isfinite(x):
         return "—"
     return f"{x:.2f}" if key == "psnr" else f"{x:.4f}"
+
+
+def shifted_splits(metrics: dict) -> list[str]:
+    """The shifted test sets scored in ``metrics`` (``shift_<name>``), in file order."""
+    return [k for k in metrics["ensemble"] if k.startswith("shift_")]
+
+
+def shifted_block(task: str, metrics: dict) -> list[str]:
+    """Test and every shifted test set side by side, key metric, for every model, every
+    ensemble method and every baseline; then what the guard dropped. Empty without shifts."""
+    splits = shifted_splits(metrics)
+    if not splits:
+        return []
+    key, label = RESULT_COLUMNS[task][0][1], RESULT_COLUMNS[task][0][2].split()[-1]
+    titles = ["test (in distribution)", *(s[len("shift_") :] + " (shifted)" for s in splits)]
+    lines = [
+        f"{label} on the in-distribution test set and on each shifted test set (data no "
+        "training and no weight search saw):",
+        "",
+        "| | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
+
+    def row(name: str, scores: dict) -> str:
+        return (
+            f"| {name} | " + " | ".join(_cell(scores.get(s), key) for s in ("test", *splits)) + " |"
+        )
+
+    for m, mm in metrics["models"].items():
+        lines.append(row(m, mm))
+    shipped = metrics["ensemble"]["method"]
+    for name, scores in metrics["methods"].items():
+        full = {s: scores.get(s) for s in ("test", *splits)}
+        lines.append(row(f"**{name}** (shipped)" if name == shipped else f"ensemble: {name}", full))
+    for name, title in BASELINES[task]:
+        if name in metrics["baselines"]:
+            lines.append(row(title, metrics["baselines"][name]))
+    dropped = metrics.get("guard", {}).get("dropped", {})
+    if metrics.get("guard", {}).get("all_below"):
+        lines += [
+            "",
+            "**Guard: every member scores below zero-filled on some val group "
+            f"({'; '.join(f'{m}: {chr(44).join(g)}' for m, g in dropped.items())}): no member "
+            "passes, the guard could not apply, and this ensemble is not fit to deploy.**",
+        ]
+    elif dropped:
+        lines += [
+            "",
+            "Guard: "
+            + "; ".join(
+                f"{m} scored below zero-filled on val group(s) {', '.join(g)} and was given "
+                "weight 0"
+                for m, g in dropped.items()
+            )
+            + ".",
+        ]
+    best = max(metrics["models"], key=lambda m: metrics["models"][m]["val"][key])
+    worst_gap = min(
+        metrics["ensemble"][s][key] - metrics["models"][best][s][key] for s in ("test", *splits)
+    )
+    lines += [
+        "",
+        f"Across these sets the shipped ensemble is at worst {worst_gap:+.4f} {label} from the "
+        f"best single model on val ({best}).",
+    ]
+    return lines
 
 
 def results_block(task: str, metrics: dict, cost: dict | None) -> str:
@@ -401,6 +486,9 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
     lines += ["", sentence]
     if cost is not None:
         lines += ["", f"Recommendation (`cost@{task}`): {cost['recommendation']}"]
+    shifted = shifted_block(task, metrics)
+    if shifted:
+        lines += ["", *shifted]
     return "\n".join(lines)
 
 

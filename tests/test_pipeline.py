@@ -29,7 +29,11 @@ def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     # 5 patients split 2/2/1: two val patients, so cross-fitting runs end to end
     p["ingest"]["segmentation"].update(
-        n_patients=5, size=32, spacing_mm=4.5, split={"train": 0.4, "val": 0.4, "test": 0.2}
+        n_patients=5,
+        size=32,
+        spacing_mm=4.5,
+        split={"train": 0.4, "val": 0.4, "test": 0.2},
+        shifted={"acquisition": 1},
     )
     # three segmentation networks are enough for the DAG (every network: test_params.py)
     p["train"] = {k: e for k, e in p["train"].items() if e["task"] != "segmentation"
@@ -41,7 +45,13 @@ def tiny_params() -> dict:
     recon = p["ingest"]["reconstruction"]
     # 6 volumes split 3/2/1: two val volumes, so cross-fitting runs end to end
     recon.update(coils=4, size=[56, 48], split={"train": 0.5, "val": 0.34, "test": 0.16})
-    recon["simulation"].update(pixel_mm=4.0, slices_per_volume=2, slice_step_mm=8.0)
+    recon["simulation"].update(
+        pixel_mm=4.0,
+        volumes=6,
+        slices_per_volume=2,
+        slice_step_mm=8.0,
+        shifted={"contrast": 1, "coils": 1},
+    )
     recon["mask"]["center_fractions"] = [0.16]  # 8 ACS lines at W = 48 (GRAPPA kernel 5)
     small = {"cascades": 1, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2}
     p["train"]["reconstruction-attention_unet"]["net"] = {"channels": [4, 8, 16], "fc_hidden": 32}
@@ -106,7 +116,7 @@ def test_flow_writes_every_output(project: Path):
     metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
     assert set(metrics["models"]) == set(MODELS)
     for m in MODELS:
-        assert set(metrics["models"][m]) == {"val", "test", "params"}
+        assert set(metrics["models"][m]) == {"val", "test", "shift_acquisition", "params"}
         assert {"iou", "dice", "per_class"} <= set(metrics["models"][m]["test"])
         assert set(metrics["models"][m]["test"]["per_class"]) == {"RV", "myocardium", "LV"}
     ens = metrics["ensemble"]
@@ -137,7 +147,23 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     params = yaml.safe_load((project / "params.yaml").read_text())
     p = params["ensemble"][task]
     metrics = json.loads((project / f"reports/{task}/metrics.json").read_text())
-    assert set(metrics["methods"]) == {p["method"], *p["compare"]}
+    shipped = f"{p['method']}/worst_group" if p.get("robust") else p["method"]
+    assert set(metrics["methods"]) == {shipped, p["method"], *p["compare"]}
+    assert metrics["ensemble"]["method"] == shipped
+    shifts = {
+        "segmentation": ["shift_acquisition"],
+        "reconstruction": ["shift_coils", "shift_contrast"],
+    }
+    for m, scores in metrics["models"].items():  # every model on every shifted set
+        assert set(shifts[task]) <= set(scores), m
+    for name, scores in metrics["methods"].items():
+        assert set(shifts[task]) <= set(scores), name
+    for name, scores in metrics["baselines"].items():
+        assert set(shifts[task]) <= set(scores), name
+    report = (project / "reports/report.md").read_text()
+    assert "shifted test set" in report and all(
+        s[6:] + " (shifted)" in report for s in shifts[task]
+    )
     for name, scores in metrics["methods"].items():
         assert {"val", "crossfit", "test"} <= set(scores)
         assert key in scores["crossfit"], f"{task} {name}: not cross-fitted"
@@ -200,8 +226,21 @@ def test_flow_writes_the_reconstruction_outputs(project: Path):
         assert {"ssim", "psnr", "nmse", "per_case"} <= set(metrics["models"][m]["test"])
     ens = metrics["ensemble"]
     assert sum(ens["weights"].values()) == pytest.approx(1.0)
-    best_val = max(metrics["models"][m]["val"]["ssim"] for m in RECON_MODELS)
-    assert ens["val"]["ssim"] >= best_val - 1e-9
+    details = json.loads((project / "reports/reconstruction/ensemble.json").read_text())
+    guard = metrics["guard"]
+    allowed = [m for m in RECON_MODELS if guard["all_below"] or m not in guard["dropped"]]
+    best_val = max(metrics["models"][m]["val"]["ssim"] for m in allowed)
+    plain = details["methods"]["random+nelder_mead"]  # the val-mean search of the shipped method
+    assert plain["val_search_score"] >= best_val - 1e-9  # (DC'd members: what the search saw)
+    robust = details["methods"]["random+nelder_mead/worst_group"]
+    assert robust["note"].startswith("robust:") and details["robust"] is True
+    assert details["val_groups"] and set(details["val_groups"]) <= {"T1", "T2", "PD"}
+    assert guard["baseline"] == "zero_filled"
+    for m, groups in guard["dropped"].items():  # a dropped member ships with weight 0
+        assert groups and (guard["all_below"] or ens["weights"][m] == 0.0)
+    dc = details["data_consistency"]
+    assert dc["on"] is True and set(dc["scores"]) == {"true", "false"}
+    assert set(dc["scores"]["true"]) == {"val", "test", "shift_coils", "shift_contrast"}
     assert set(metrics["baselines"]) == {"zero_filled", "grappa"}
     assert metrics["baselines"]["grappa"]["test"]["ssim"] > 0
     report = (project / "reports/report.md").read_text()

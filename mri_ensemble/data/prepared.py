@@ -19,6 +19,11 @@ Storage is chunked per slice with lossless deflate (gzip level 1): deterministic
 same arrays always give the same bytes. (h5py's LZF is not: its compressor reads an
 uninitialised hash table, so identical data compressed to different bytes from run to run.)
 Files are written to a temporary name and renamed into place.
+
+Besides ``train``, ``val`` and ``test``, a prepared folder may hold shifted test sets
+``shift_<name>.h5`` (same format, both tasks): data from outside training's distribution
+(another acquisition regime, contrast, orientation, coil array, site) that no training or
+weight search ever sees; evaluate, ensemble and the report score them beside ``test``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS: tuple[str, ...] = ("image", "label", "case")
 _JSON_ATTRS = "_json_attrs"
+SHIFT_PREFIX = "shift_"  # shift_<name>.h5: a shifted test set (module doc)
+
+
+def shifted_names(folder: Path) -> list[str]:
+    """Names of the shifted test sets prepared in ``folder`` (``shift_<name>.h5``), sorted."""
+    return sorted(p.stem[len(SHIFT_PREFIX) :] for p in Path(folder).glob(f"{SHIFT_PREFIX}*.h5"))
+
+
+def scored_splits(folder: Path) -> list[str]:
+    """The splits that evaluate scores: val, test, then ``shift_<name>`` of each shifted set."""
+    return ["val", "test", *(SHIFT_PREFIX + n for n in shifted_names(folder))]
 
 
 @dataclass

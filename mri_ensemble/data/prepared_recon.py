@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,20 @@ from mri_ensemble.io import atomic_path
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS: tuple[str, ...] = ("kspace", "mask", "target", "grappa", "case", "max")
+_ACQUISITION = re.compile(r"^file_brain_(AX|CO|SA)?([A-Za-z0-9]+?)_")
+
+
+def contrast_group(case: str) -> str:
+    """The contrast of a volume named as fastMRI names brain files, its val/test group:
+    ``file_brain_AXT2_200_6002217`` -> ``T2``, ``file_brain_COFLAIR_sim_004`` -> ``FLAIR``;
+    ``all`` for other names (knee files, custom names)."""
+    match = _ACQUISITION.match(str(case).split("~")[0])
+    return match.group(2) if match else "all"
+
+
+def contrast_groups(case: np.ndarray) -> np.ndarray:
+    """:func:`contrast_group` of every slice's case: (N,) str."""
+    return np.array([contrast_group(c) for c in np.asarray(case)], dtype=str)
 
 
 @dataclass
