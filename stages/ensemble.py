@@ -141,6 +141,34 @@ def fuse(t: dict, split: str, result: SearchResult, models: list[int] | None = N
     return fused
 
 
+def choose_data_consistency(task: str, t: dict, cfg: SearchConfig, param: bool | str) -> bool:
+    """Whether the fused image gets hard data consistency: ``param`` itself, or for ``auto``
+    whichever scores better on val for the shipped method's weights (val only: the test and
+    shifted sets never decide). Sets ``t["data_consistency"]``; False without k-space."""
+    if not t.get("measured"):
+        t["data_consistency"] = False
+        return False
+    if param != "auto":
+        t["data_consistency"] = bool(param)
+        return bool(param)
+    val = t["objs"]["val"]
+    result = search(val, cfg, exclude=t.get("exclude", {}))
+    scores = {}
+    for flag in (True, False):
+        t["data_consistency"] = flag
+        fused = fuse(t, "val", result)
+        scores[flag] = _scores(task, fused, val.target, val.case, t["names"])[KEY_METRIC[task]]
+    chosen = bool(scores[True] > scores[False])
+    t["data_consistency"] = chosen
+    log.info(
+        "data consistency on the fused image: val %.4f with, %.4f without -> %s",
+        scores[True],
+        scores[False],
+        "on" if chosen else "off",
+    )
+    return chosen
+
+
 def method_key(cfg: SearchConfig) -> str:
     """A method's name in the outputs: ``<method>/worst_group`` for robust selection."""
     return f"{cfg.method}/worst_group" if cfg.robust else cfg.method
@@ -263,13 +291,12 @@ def main() -> None:
         raise ConfigError(
             f"params.yaml: ensemble.{args.task}.guard should be zero_filled or none, found {guard!r}"
         )
-    dc = p.get("data_consistency", True)
-    if not isinstance(dc, bool):
+    dc_param = p.get("data_consistency", "auto")
+    if dc_param not in (True, False, "auto"):
         raise ConfigError(
-            f"params.yaml: ensemble.{args.task}.data_consistency should be true or false, "
-            f"found {dc!r}"
+            f"params.yaml: ensemble.{args.task}.data_consistency should be auto, true or "
+            f"false, found {dc_param!r}"
         )
-    t["data_consistency"] = dc
     dropped: dict[str, list[str]] = {}
     if guard == "zero_filled":  # never ship a member below zero-filled on any val group
         below = members_below(t["objs"]["val"], t["zero_filled"]["val"])
@@ -292,6 +319,7 @@ def main() -> None:
                     "guard: %s is below zero-filled on val group(s) %s: weight 0", name, groups
                 )
 
+    dc = choose_data_consistency(args.task, t, configs[0], dc_param)
     methods = {}
     for cfg in tqdm(configs, desc=f"ensemble methods ({args.task})", disable=None):
         name = method_key(cfg)
@@ -358,7 +386,7 @@ def main() -> None:
                 for s, o in t["objs"].items()
             }
         t["data_consistency"] = dc
-        details["data_consistency"] = {"on": dc, "scores": with_dc}
+        details["data_consistency"] = {"on": dc, "param": dc_param, "scores": with_dc}
     write_json(args.out / "ensemble.json", details)
     write_json(args.out / "metrics.json", metrics)
     log_methods(params, args.task, models, methods, results, seconds, method_key(shipped))
