@@ -276,6 +276,8 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
     for task, key in (("segmentation", "iou"), ("reconstruction", "ssim")):
         p = params["ensemble"][task]
         methods = {p["method"], *p["compare"]}
+        if p.get("robust"):  # the shipped worst-group search beside its val-mean version
+            methods.add(f"{p['method']}/worst_group")
         ens_runs = db.execute(
             "SELECT r.run_uuid, r.name FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
             "WHERE t.key='task' AND t.value=? AND r.name LIKE 'ensemble-%'",

@@ -30,7 +30,7 @@ from mri_ensemble import ensemble
 from mri_ensemble import predict as pr
 from mri_ensemble.cli import main
 from mri_ensemble.data.acdc import center_crop_or_pad, resample_inplane
-from mri_ensemble.data.fastmri import read_fastmri, write_fastmri
+from mri_ensemble.data.fastmri import prepare_volume, read_fastmri, write_fastmri
 from mri_ensemble.ensemble import combine, combine_images
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.mri.fft import ifft2c, rss
@@ -405,3 +405,30 @@ def test_cli_without_trained_models_names_the_training_command(tmp_path: Path, p
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no trained segmentation models yet")
     assert "make run" in lines[0] and "python -m flows.pipeline" in lines[0]
+
+
+def test_fused_reconstruction_gets_data_consistency_when_the_ensemble_chose_it(
+    project: Path, tmp_path: Path
+):
+    """ensemble.json's ``data_consistency.on`` (chosen on val by ensemble@reconstruction)
+    puts the acquired k-space lines back into the fused image; without it the fused image
+    is the plain weighted sum (older files have no such key)."""
+    from mri_ensemble.mri.consistency import consistent_image_np
+
+    path = project / "file_brain_AXT1_tiny.h5"
+    report = {"weights": RECON_WEIGHTS, "method": "random+nelder_mead"}
+    plain = pr.reconstruct_file(pr.load_predictor(project, "reconstruction"), path)
+    root = _with_ensemble(
+        project, tmp_path, "reconstruction", {**report, "data_consistency": {"on": True}}
+    )
+    fused = pr.load_predictor(root, "reconstruction")
+    assert fused.data_consistency
+    dc = pr.reconstruct_file(fused, path)
+    kspace, _ = prepare_volume(read_fastmri(path), (32, 24), 4)  # the predictor's grid
+    masked = (kspace * plain.mask).astype(np.complex64)
+    masks = np.repeat(plain.mask[None], len(masked), 0)
+    expected = consistent_image_np(plain.reconstruction, masked, masks)
+    np.testing.assert_allclose(dc.reconstruction, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(dc.reconstruction, plain.reconstruction, rtol=1e-3)
+    single = pr.load_predictor(root, "reconstruction", "varnet")  # one model: its own DC only
+    assert not single.data_consistency

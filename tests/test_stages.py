@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,11 +133,11 @@ def recon_params(path: Path) -> dict:
     return p
 
 
-def write_fastmri_folder(root: Path, n: int = 3) -> None:
+def write_fastmri_folder(root: Path, n: int = 3, seed: int = 0) -> None:
     from mri_ensemble.data.fastmri import write_fastmri
     from mri_ensemble.mri.fft import fft2c
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     root.mkdir()
     yy, xx = np.mgrid[:20, :18] / 20
     for i in range(n):
@@ -159,6 +160,28 @@ def test_ingest_reads_a_real_fastmri_folder(tmp_path):
     data = read_reconstruction_h5(tmp_path / "prep" / "test.h5")
     assert data.kspace.shape == (2, 3, 16, 16)  # cropped to size, compressed to 3 coils
     assert data.mask.shape == (2, 16) and data.attrs["mask"]["accelerations"] == [2]
+
+
+def test_ingest_prepares_a_named_fastmri_folder_as_a_shifted_test_set(tmp_path):
+    write_fastmri_folder(tmp_path / "raw")
+    write_fastmri_folder(tmp_path / "siteB", n=2, seed=1)
+    p = recon_params(tmp_path / "raw")
+    p["ingest"]["reconstruction"]["shifted"] = {"siteB": str(tmp_path / "siteB")}
+    proc = run_stage(tmp_path, p, "stages.ingest", "--task", "reconstruction", "--out", "prep")
+    assert proc.returncode == 0, proc.stderr
+    from mri_ensemble.data.prepared import scored_splits
+    from mri_ensemble.data.prepared_recon import read_reconstruction_h5
+
+    assert scored_splits(tmp_path / "prep") == ["val", "test", "shift_siteB"]
+    data = read_reconstruction_h5(tmp_path / "prep" / "shift_siteB.h5")
+    assert sorted(set(data.case)) == ["file_0", "file_1"] and data.kspace.shape == (4, 3, 16, 16)
+    split = json.loads((tmp_path / "prep" / "split.json").read_text())
+    assert split["shifted"] == {"shift_siteB": ["file_0", "file_1"]}
+    assert split["slices"]["shift_siteB"] == 4
+    p["ingest"]["reconstruction"]["shifted"] = {"siteB": 3}
+    proc = run_stage(tmp_path, p, "stages.ingest", "--task", "reconstruction", "--out", "bad")
+    one_line_error(proc, "ingest.reconstruction.shifted")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(
