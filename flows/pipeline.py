@@ -174,15 +174,7 @@ def run_dag(models: list[str] | None, force: bool = False, parallel: int = 0) ->
     parallel = len(chosen) if parallel <= 0 else min(parallel, len(chosen))
     threads = max(1, (os.cpu_count() or 1) // parallel)
     mlflow, parent = _parent_run(params)
-    # NumPy/SciPy's BLAS (GRAPPA, coil compression) gets the same share: left at every
-    # core in each of ten parallel stages it oversubscribes the machine (GRAPPA took
-    # 2.3 s a slice instead of 0.11 s beside the trainings); its results are bit-identical
-    env = {
-        PARENT_RUN_ENV: parent,
-        "MRI_ENSEMBLE_THREADS": str(threads),
-        "OPENBLAS_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }
+    env = {PARENT_RUN_ENV: parent, "MRI_ENSEMBLE_THREADS": str(threads)}
     t0 = time.perf_counter()
     status = "FAILED"
     try:
