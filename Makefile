@@ -11,12 +11,12 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv run repro test lint mlflow-ui prefect-ui serve ui bench clean
+.PHONY: venv run repro test lint mlflow-ui mlflow-server services-stop prefect-ui serve ui bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,team]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -37,6 +37,14 @@ test: venv lint
 
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# a team's tracking server: PostgreSQL in .services/postgres, then mlflow server on it
+# (http://127.0.0.1:5000; artifacts through the server); stop PostgreSQL: make services-stop
+mlflow-server: venv
+	python -m flows.services mlflow-server
+
+services-stop: venv
+	python -m flows.services stop
 
 prefect-ui: venv
 	prefect server start

@@ -41,7 +41,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import State
 
-from stages.common import PARENT_RUN_ENV, flatten
+from stages.common import flatten
+from stages.tracking import PARENT_RUN_ENV, experiment_name, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (INFO|WARNING|ERROR) ")  # stages' log format
@@ -136,8 +137,9 @@ def select_models(params: dict, models: list[str] | None) -> list[str]:
 def _parent_run(params: dict) -> tuple[object, str]:
     import mlflow
 
-    mlflow.set_tracking_uri(params["mlflow"]["tracking_uri"])
-    mlflow.set_experiment(params["mlflow"]["experiment"])  # creates the store once, up front
+    # MLFLOW_TRACKING_URI wins over params.yaml; the stages get the same URI through it
+    mlflow.set_tracking_uri(tracking_uri(params))
+    mlflow.set_experiment(experiment_name(params))  # creates the store once, up front
     run = mlflow.start_run(run_name="pipeline", tags={"kind": "pipeline"})
     # the whole params.yaml, flattened (the `zoo` holds entries that do not run)
     mlflow.log_params(flatten({k: v for k, v in params.items() if k != "zoo"}))

@@ -1,4 +1,4 @@
-"""What every stage shares: params.yaml access, the CLI wrapper, MLflow runs.
+"""What every stage shares: params.yaml access and the CLI wrapper (MLflow: tracking.py).
 
 Stages are thin: read their params section once, take dep/out paths from the command line
 that dvc.yaml gives them, call the library, write outs atomically, log to MLflow.
@@ -6,14 +6,11 @@ that dvc.yaml gives them, call the library, write outs atomically, log to MLflow
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import os
-import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +18,15 @@ import numpy as np
 import yaml
 
 from mri_ensemble.errors import ConfigError, PipelineError
-from mri_ensemble.io import write_json
 
 PARAMS_FILE = Path(os.environ.get("MRI_ENSEMBLE_PARAMS", "params.yaml"))
-PARENT_RUN_ENV = "MRI_ENSEMBLE_PARENT_RUN_ID"
-# Which MLflow run trained which model: kept beside the outputs, not in them, so a model
-# folder's bytes do not depend on the run id (evaluate continues the training's run).
-RUNS_DIR = Path(".mlflow-runs")
 TASKS = ("segmentation", "reconstruction")
 KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}  # what the ensemble maximises
 log = logging.getLogger("stages")
 
 
-def git_revision() -> str:
-    """The commit the stage runs at: an MLflow tag, never part of a DVC output (outputs must
-    not change bytes when only the commit does)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+class ServiceUnavailable(RuntimeError):
+    """A service the stage needs did not answer (exit status 1: the flow retries the stage)."""
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -97,7 +81,8 @@ def task_models(params: Mapping[str, Any], task: str) -> list[str]:
 
 
 def cli(main: Callable[[], None]) -> Callable[[], None]:
-    """Run ``main`` with logging set up; user errors become one line and exit status 2."""
+    """Run ``main`` with logging set up; user errors become one line and exit status 2 (the
+    flow does not retry them), an unreachable service one line and exit status 1."""
 
     @functools.wraps(main)
     def wrapper() -> None:
@@ -113,6 +98,9 @@ def cli(main: Callable[[], None]) -> Callable[[], None]:
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except ServiceUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper
 
@@ -127,56 +115,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-@contextlib.contextmanager
-def mlflow_run(
-    params: Mapping[str, Any],
-    run_name: str,
-    tags: Mapping[str, str],
-    run_id: str | None = None,
-) -> Iterator[Any]:
-    """Start (or continue, with ``run_id``) an MLflow run in the configured store.
-
-    Runs started inside a pipeline execution (the Prefect flow exports
-    ``MRI_ENSEMBLE_PARENT_RUN_ID``) become children of its parent run.
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(get(params, "mlflow.tracking_uri", "sqlite:///mlflow.db"))
-    mlflow.set_experiment(get(params, "mlflow.experiment", "mri-ensemble"))
-    kwargs: dict[str, Any]
-    if run_id:  # continuing a run: its tags (stage, revision) stay those of its start
-        kwargs = {"run_id": run_id}
-    else:
-        kwargs = {
-            "run_name": run_name,
-            "tags": {
-                "git_revision": git_revision(),
-                "dvc_stage": os.environ.get("DVC_STAGE", "manual"),
-                **tags,
-            },
-        }
-        parent = os.environ.get(PARENT_RUN_ENV)
-        if parent:
-            kwargs["parent_run_id"] = parent
-    with mlflow.start_run(**kwargs) as run:
-        yield run
-
-
-def remember_run(name: str, run_id: str) -> None:
-    """Record that ``train@<name>`` logged to MLflow run ``run_id`` (for evaluate)."""
-    write_json(RUNS_DIR / f"{name}.json", {"run_id": run_id})
-
-
-def remembered_run(name: str) -> str | None:
-    """The run ``train@<name>`` logged to on this machine; None (a new run) if unknown, e.g.
-    when the model was restored from the DVC run-cache instead of trained here."""
-    path = RUNS_DIR / f"{name}.json"
-    try:
-        return str(json.loads(path.read_text())["run_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def weights_array(weights: dict, members: list[str]) -> np.ndarray:

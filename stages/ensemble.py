@@ -48,7 +48,8 @@ from mri_ensemble.mri.quality import reconstruction_scores
 from mri_ensemble.reconstruction import zero_filled
 from mri_ensemble.segmentation import class_names_of
 
-from .common import KEY_METRIC, cli, flatten, get, load_params, log, mlflow_run, task_models
+from .common import KEY_METRIC, cli, flatten, get, load_params, log, task_models
+from .tracking import mlflow_run
 
 
 def load_stack(
@@ -473,8 +474,6 @@ def log_methods(
     shipped: str,
 ) -> None:
     """One MLflow run per method (children of the pipeline's parent run), same metric names."""
-    import mlflow
-
     for name, entry in methods.items():
         tags = {
             "task": task,
@@ -483,9 +482,9 @@ def log_methods(
             "method": name,
             "shipped": str(name == shipped).lower(),
         }
-        with mlflow_run(params, f"ensemble-{name}", tags):
+        with mlflow_run(params, f"ensemble-{name}", tags) as run:
             flat_w = flatten({"weight": entry["weights"]})
-            mlflow.log_params(
+            run.log_params(
                 {
                     "method": name,
                     "members": ",".join(models),
@@ -493,7 +492,7 @@ def log_methods(
                     **flat_w,
                 }
             )
-            mlflow.log_metrics(
+            run.log_metrics(
                 {
                     f"{split}_{k}".replace(".", "_"): v
                     for split in (

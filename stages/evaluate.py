@@ -33,10 +33,9 @@ from .common import (
     get,
     load_params,
     log,
-    mlflow_run,
     model_entry,
-    remembered_run,
 )
+from .tracking import mlflow_run, remembered_run
 
 
 @cli
@@ -75,13 +74,11 @@ def main() -> None:
         write_json(tmp / "metrics.json", metrics)
     run_id = remembered_run(args.name)
     tags = {"task": entry["task"], "model": entry["model"], "kind": "model"}
-    with mlflow_run(params, entry["model"], tags, run_id=run_id):
-        import mlflow
-
+    with mlflow_run(params, entry["model"], tags, run_id=run_id) as run:
         # val_* is the per-epoch series of the training run; the best checkpoint's val
         # scores are best_val_*, test scores test_*, shifted sets' shift_<name>_* (same
         # names for every model).
-        mlflow.log_metrics(
+        run.log_metrics(
             {
                 f"{'best_val' if split == 'val' else split}_{k}".replace(".", "_"): v
                 for split in splits

@@ -40,7 +40,8 @@ from mri_ensemble.train import (
     training_fingerprint,
 )
 
-from .common import cli, flatten, get, load_params, log, mlflow_run, model_entry, remember_run
+from .common import cli, flatten, get, load_params, log, model_entry
+from .tracking import mlflow_run, remember_run
 
 RESUME_ROOT = Path(".resume")
 KNOWN_KEYS = {"task", "model", "arch", "net", "loss", "loss_config", "optim", "mixup_alpha"}
@@ -163,11 +164,9 @@ def main() -> None:
 
     tags = {"task": task, "model": model_name, "arch": entry["arch"], "kind": "model"}
     with mlflow_run(params, model_name, tags, run_id=run_id) as run:
-        import mlflow
-
-        if run_id is None:
-            write_json(run_file, {"fingerprint": fp, "run_id": run.info.run_id})
-            mlflow.log_params(
+        if not run.resumed:
+            write_json(run_file, {"fingerprint": fp, "run_id": run.run_id})
+            run.log_params(
                 {
                     **flatten(entry),
                     "seed": cfg.seed,
@@ -177,9 +176,7 @@ def main() -> None:
             )
 
         def on_epoch(row: dict[str, float]) -> None:
-            mlflow.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
-            )
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
         state = fit(
             spec,
@@ -209,11 +206,11 @@ def main() -> None:
             (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_history_csv(args.history, state["history"])
-        remember_run(args.name, run.info.run_id)
-        mlflow.log_metrics(
+        remember_run(args.name, run.run_id)
+        run.log_metrics(
             {"best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"]}
         )
-        mlflow.log_artifact(str(args.out / "best.pt"), artifact_path="checkpoint")
+        run.log_artifact(args.out / "best.pt", artifact_path="checkpoint")
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "trained %s: best epoch %d, val_loss %.4f",

@@ -137,10 +137,9 @@ class Api:
         return "\n".join(f"--- {n}\n{lg.read_text()[-4000:]}" for n, (_, lg) in self.procs.items())
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory) -> Iterator[Api]:
-    """A Prefect server with a temporary home and database on a free port."""
-    tmp = tmp_path_factory.mktemp("deploy")
+@contextlib.contextmanager
+def prefect_server(tmp: Path) -> Iterator[Api]:
+    """``prefect server start`` with a temporary home and database on a free port."""
     port = free_port()
     home = tmp / "server-home"
     home.mkdir()
@@ -156,6 +155,12 @@ def api(tmp_path_factory) -> Iterator[Api]:
         yield a
     finally:
         stop(server)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory) -> Iterator[Api]:
+    with prefect_server(tmp_path_factory.mktemp("deploy")) as a:
+        yield a
 
 
 @dataclass
@@ -270,6 +275,17 @@ def task_runs(served: Served, flow_run_id) -> set[str]:
             sort="EXPECTED_START_TIME_ASC",
         )
     return {r.name for r in runs}
+
+
+def test_deployment_ls_lists_both_deployments(served: Served):
+    """The list endpoints answer (with fastapi 0.151-0.154 they gave 422: pyproject.toml)."""
+    proc = subprocess.run(
+        ["prefect", "deployment", "ls"], cwd=served.proj, env={**served.env, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("mri-ensemble-pipeline/local", "mri-ensemble-train-model/local"):
+        assert name in proc.stdout
 
 
 def test_pipeline_deployment_runs_the_whole_dag(served: Served):

@@ -1,0 +1,407 @@
+"""A team's set-up, for real on 127.0.0.1: PostgreSQL, an MLflow tracking server on it
+(artifacts through the server), a Prefect server, and an S3 DVC remote (moto's S3 server).
+
+One tiny-profile flow runs against all of them from a git clone of the project; then:
+MLflow holds every run, per-epoch point and artifact; Prefect holds the flow run and its
+task runs; ``dvc push --run-cache`` stores the outputs, and two fresh clones get them with
+``dvc pull`` and ``dvc repro --pull`` without training anything, predict and the UI work
+there, and the registry's champion holds the DVC-tracked checkpoints. A training whose
+tracking server is killed and restarted mid-run finishes and loses no point; one whose
+server is not there at all fails at once with one line (exit status 1, which the flow
+retries).
+
+Needs Debian's ``postgresql`` and the ``team`` extra (``pip install -e '.[team]'``); with
+``CI`` set a missing piece fails instead of skipping. About 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from test_deploy import Api, deploy_params, free_port, prefect_server, start, stop, wait_until
+from test_pipeline import ROOT, env_for
+
+from flows.services import Postgres, ServiceError, mlflow_server_cmd, pg_bin
+
+EPOCHS = 2
+BUCKET = "mri-ensemble"
+AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _missing() -> str | None:
+    try:
+        pg_bin()
+        import boto3  # noqa: F401
+        import dvc_s3  # noqa: F401
+        import moto  # noqa: F401
+        import psycopg2  # noqa: F401
+    except (ServiceError, ImportError) as exc:
+        return f"team services unavailable ({exc}); apt-get install postgresql, pip install -e '.[team]'"
+    return None
+
+
+if (why := _missing()) is not None:
+    if os.environ.get("CI"):
+        raise RuntimeError(why)  # CI installs both (.ci/run): a missing one is a failure
+    pytest.skip(why, allow_module_level=True)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Team:
+    tmp: Path
+    pg: Postgres
+    mlflow_url: str
+    s3_url: str
+    prefect: Api
+    procs: dict  # name -> (Popen, log)
+    mlflow_port: int
+
+    def env(self, cwd: Path) -> dict[str, str]:
+        return {
+            **env_for(cwd),
+            **AWS,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "PREFECT_API_URL": self.prefect.url,
+            "PREFECT_HOME": str(self.tmp / "client-prefect-home"),  # outside the clones
+        }
+
+    def start_mlflow(self) -> None:
+        artifacts = self.tmp / "mlartifacts"
+        artifacts.mkdir(exist_ok=True)
+        log = self.tmp / f"mlflow-{len(self.procs)}.log"
+        cmd = mlflow_server_cmd(self.pg.uri, artifacts, port=self.mlflow_port, workers=2)
+        self.procs["mlflow server"] = (start(cmd, self.tmp, self.pg.client_env(), log), log)
+        wait_until(lambda: http_ok(f"{self.mlflow_url}/health"), "MLflow", 120, self.procs)
+
+    def stop_mlflow(self) -> None:
+        stop(self.procs.pop("mlflow server")[0])
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def team() -> Iterator[Team]:
+    # PostgreSQL runs as the postgres user when this is root: a folder that user can reach
+    tmp = Path(tempfile.mkdtemp(prefix="mri-ensemble-team-"))
+    tmp.chmod(0o755)
+    pg = Postgres(tmp / "pg" / "postgres", port=free_port())
+    procs: dict = {}
+    try:
+        pg.start()
+        s3_port = free_port()
+        s3_log = tmp / "moto.log"
+        moto = Path(sys.executable).with_name("moto_server")
+        procs["moto"] = (start([str(moto), "-H", "127.0.0.1", "-p", str(s3_port)], tmp,
+                               dict(os.environ), s3_log), s3_log)  # fmt: skip
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        wait_until(lambda: http_ok(f"{s3_url}/moto-api/"), "moto S3", 60, procs)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_url, **_boto_creds()).create_bucket(Bucket=BUCKET)
+        with prefect_server(tmp) as prefect:
+            port = free_port()
+            t = Team(tmp, pg, f"http://127.0.0.1:{port}", s3_url, prefect, procs, port)
+            t.start_mlflow()
+            yield t
+    finally:
+        for proc, _ in procs.values():
+            stop(proc)
+        try:
+            pg.stop()
+        finally:
+            if not os.environ.get("KEEP_TEAM_TMP"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _boto_creds() -> dict[str, str]:
+    return {
+        "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": AWS["AWS_DEFAULT_REGION"],
+    }
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")  # fmt: skip
+    return proc
+
+
+def team_params() -> dict:
+    p = deploy_params()  # two segmentation models and VarNet, tiny
+    for entry in p["train"].values():
+        entry["optim"]["epochs"] = EPOCHS
+    return p
+
+
+@dataclass
+class Origin:
+    team: Team
+    proj: Path  # the clone that trained, pushed and committed
+    env: dict[str, str]
+    flow_seconds: float
+
+
+@pytest.fixture(scope="module")
+def origin(team: Team) -> Origin:
+    """A git project with an S3 DVC remote; the flow run once against the team's servers,
+    then ``dvc push --run-cache`` and a commit of dvc.lock (what a colleague clones)."""
+    proj = team.tmp / "origin"
+    proj.mkdir()
+    for name in ("mri_ensemble", "stages", "flows"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, proj)
+    (proj / "params.yaml").write_text(yaml.safe_dump(team_params(), sort_keys=False))
+    env = team.env(proj)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        # the README's commands for an S3 remote (endpointurl: only for a non-AWS S3)
+        ["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"],
+        ["dvc", "remote", "modify", "team", "endpointurl", team.s3_url],
+        ["git", "add", "-A"],
+        [*git, "commit", "-qm", "project"],
+    ):
+        run(cmd, proj, env)
+    t0 = time.monotonic()
+    run([sys.executable, "-m", "flows.pipeline"], proj, env)
+    seconds = time.monotonic() - t0
+    run(["dvc", "push", "--run-cache"], proj, env)
+    run(["git", "add", "-A"], proj, env)
+    run([*git, "commit", "-qm", "trained"], proj, env)
+    return Origin(team, proj, env, seconds)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_keys(proj: Path) -> dict[str, tuple[str, str]]:
+    p = yaml.safe_load((proj / "params.yaml").read_text())
+    return {k: (e["task"], e["model"]) for k, e in p["train"].items()}
+
+
+def test_mlflow_server_holds_every_run_point_and_artifact(origin: Origin):
+    client = origin.team.client()
+    exp = client.get_experiment_by_name("mri-ensemble")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    (parent,) = by_name.pop("pipeline")
+    assert parent.info.status == "FINISHED"
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+               for rs in by_name.values() for r in rs)  # fmt: skip
+    # one run per model, each with every epoch's points, its checkpoint byte for byte
+    points = 0
+    for key, (task, model) in model_keys(origin.proj).items():
+        (r,) = [r for r in by_name[model] if r.data.tags.get("task") == task]
+        assert r.info.status == "FINISHED", key
+        history = json.loads((origin.proj / f"models/{task}/{model}/history.json").read_text())
+        assert len(history) == EPOCHS
+        for metric in ("train_loss", "val_loss"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, metric, steps)
+            points += len(steps)
+        assert {"best_val_loss", "test_" + ("iou" if task == "segmentation" else "ssim")} <= set(
+            r.data.metrics
+        )
+        got = Path(client.download_artifacts(r.info.run_id, "checkpoint/best.pt",
+                                             str(origin.team.tmp / "dl" / key)))  # fmt: skip
+        assert sha(got) == sha(origin.proj / f"models/{task}/{model}/best.pt"), key
+    assert points == 2 * EPOCHS * len(model_keys(origin.proj))
+    # one run per ensemble method and task; the report and figures on the parent run
+    methods = [n for n in by_name if n.startswith("ensemble-")]
+    assert methods and all(r.info.status == "FINISHED" for n in methods for r in by_name[n])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "figures"} <= artifacts
+    figures = client.list_artifacts(parent.info.run_id, "figures")
+    assert len(figures) >= 4 and all(f.path.endswith(".png") for f in figures)
+    # the artifacts went through the server: nothing was written beside the project
+    assert not (origin.proj / "mlruns").exists() and not (origin.proj / "mlartifacts").exists()
+    assert any((origin.team.tmp / "mlartifacts").rglob("best.pt"))
+
+
+def test_prefect_server_holds_the_flow_run_and_its_task_runs(origin: Origin):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with origin.team.prefect.client() as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["mri-ensemble-pipeline"]))
+        )
+        assert flow_run.state is not None and flow_run.state.is_completed()
+        tasks = {t.name: t for t in client.read_task_runs(limit=200)
+                 if t.flow_run_id == flow_run.id}  # fmt: skip
+    expected = {f"train@{k}" for k in model_keys(origin.proj)} | {
+        "ingest@segmentation", "ensemble@reconstruction", "report", "register segmentation"
+    }  # fmt: skip
+    assert expected <= set(tasks)
+    assert all(tasks[n].state is not None and tasks[n].state.is_completed() for n in expected)
+
+
+def clone(origin: Origin, name: str) -> tuple[Path, dict[str, str]]:
+    dest = origin.team.tmp / name
+    run(["git", "clone", "-q", str(origin.proj), str(dest)], origin.team.tmp, origin.env)
+    return dest, origin.team.env(dest)
+
+
+def test_a_fresh_clone_pulls_every_output_and_trains_nothing(origin: Origin, monkeypatch):
+    proj, env = clone(origin, "colleague")
+    assert not any(proj.rglob("best.pt"))  # git holds only dvc.lock and .gitignore files
+    run(["dvc", "pull"], proj, env)
+    status = run(["dvc", "status"], proj, env).stdout
+    assert "Data and pipelines are up to date" in status, status
+    repro = run(["dvc", "repro"], proj, env)
+    assert "Running stage" not in repro.stdout + repro.stderr, repro.stdout
+    for task, model in model_keys(proj).values():
+        f = f"models/{task}/{model}/best.pt"
+        assert sha(proj / f) == sha(origin.proj / f), f
+
+    # predict with the pulled ensemble, on a scan it has never seen
+    from mri_ensemble.data.phantom import write_acdc_phantom
+
+    (patient,) = write_acdc_phantom(proj / "scans", 1, seed=99, first_id=950, write_4d=False)
+    scan = sorted(patient.glob("patient950_frame*.nii.gz"))
+    scan = [s for s in scan if not s.name.endswith("_gt.nii.gz")][0]
+    out = proj / "pred" / "labels.nii.gz"
+    run(["mri-ensemble", "predict", "--task", "segmentation", "--input", str(scan),
+         "--output", str(out), "--device", "cpu", "--no-progress"], proj, env)  # fmt: skip
+    import nibabel as nib
+
+    assert nib.load(out).shape == nib.load(scan).shape
+    # the UI builds over the pulled models and offers the ensemble
+    ui = run([sys.executable, "-c",
+              "from mri_ensemble.app import _status, build_app; build_app('.', 'cpu'); "
+              "print(_status(__import__('pathlib').Path('.'), 'segmentation')[0])"],
+             proj, env, timeout=300)  # fmt: skip
+    assert "ensemble" in ui.stdout.splitlines()[-1].lower()
+
+    # the registry's champion holds exactly the DVC-tracked checkpoints
+    client = origin.team.client()
+    for task in ("segmentation", "reconstruction"):
+        mv = client.get_model_version_by_alias(f"mri-ensemble-{task}", "champion")
+        dest = origin.team.tmp / "champion" / task
+        dest.mkdir(parents=True)
+        # models:/ resolves in the registry URI, which follows MLFLOW_TRACKING_URI (never the
+        # sqlite:///mlflow.db of the folder the tests run in)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", origin.team.mlflow_url)
+        import mlflow.artifacts
+
+        bundle = Path(mlflow.artifacts.download_artifacts(
+            f"models:/mri-ensemble-{task}/{mv.version}", dst_path=str(dest)))  # fmt: skip
+        members = mv.tags["members"].split(",")
+        assert set(members) <= {m for t, m in model_keys(proj).values() if t == task}
+        for m in members:
+            (ckpt,) = bundle.rglob(f"project/models/{task}/{m}/best.pt")
+            assert sha(ckpt) == sha(proj / f"models/{task}/{m}/best.pt"), (task, m)
+
+
+def test_repro_pull_restores_without_training(origin: Origin):
+    proj, env = clone(origin, "repro-pull")
+    repro = run(["dvc", "repro", "--pull"], proj, env)
+    out = repro.stdout + repro.stderr
+    assert "Running stage" not in out, out[-3000:]
+    status = run(["dvc", "status"], proj, env).stdout
+    assert "Data and pipelines are up to date" in status, status
+
+
+def _training(proj: Path, name: str, epochs: int) -> tuple[list[str], str]:
+    """A ``stages.train`` command for a copy of the tiny U-Net named ``name``."""
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    entry = json.loads(json.dumps(params["train"]["segmentation-unet"]))
+    entry["model"] = name
+    entry["optim"].update(epochs=epochs, patience=100)
+    params["train"][f"segmentation-{name}"] = entry
+    original = (proj / "params.yaml").read_text()
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = [sys.executable, "-m", "stages.train", "--name", f"segmentation-{name}",
+           "--train", "data/augmented/segmentation/train.h5",
+           "--val", "data/prepared/segmentation/val.h5",
+           "--out", str(proj.parent / f"out-{name}"), "--history", str(proj.parent / f"{name}.csv")]  # fmt: skip
+    return cmd, original
+
+
+def test_a_training_outlives_its_tracking_server(origin: Origin):
+    """Kill the MLflow server once the run exists, restart it when the training says it is
+    buffering: the training ends well and the server has every epoch's points."""
+    team, proj = origin.team, origin.proj
+    epochs = 8
+    cmd, original = _training(proj, "outage", epochs)
+    log = team.tmp / "outage.log"
+    client = team.client()
+    exp = client.get_experiment_by_name("mri-ensemble")
+    try:
+        proc = start(cmd, proj, origin.env, log)
+        procs = {"training": (proc, log)}
+
+        def run_exists() -> bool:
+            return bool(client.search_runs([exp.experiment_id], "attributes.run_name = 'outage'"))
+
+        wait_until(run_exists, "the training's MLflow run", 300, procs)
+        team.stop_mlflow()  # SIGTERM, then SIGKILL: the server is gone
+        wait_until(lambda: "buffering" in log.read_text() or proc.poll() is not None,
+                   "the training to notice", 300, {})  # fmt: skip
+        team.start_mlflow()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        (proj / "params.yaml").write_text(original)
+    text = log.read_text()
+    assert "failed on metrics (step" in text and "buffering" in text, text[-2000:]
+    assert "answers again after" in text, text[-2000:]
+    (r,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'outage'")
+    assert r.info.status == "FINISHED"
+    for metric in ("train_loss", "val_loss", "val_iou"):
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, metric))
+        assert steps == list(range(1, epochs + 1)), (metric, steps)
+    assert [a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")] == [
+        "checkpoint/best.pt"
+    ]
+
+
+def test_no_tracking_server_at_start_fails_at_once_with_one_line(origin: Origin):
+    proj = origin.proj
+    cmd, original = _training(proj, "notracking", 1)
+    env = {**origin.env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        (proj / "params.yaml").write_text(original)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # retried by the flow, not "rejected"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "MLflow tracking at http://127.0.0.1:" in errors[0]
+    assert "cannot start run 'notracking' (MlflowException: Connection refused)" in errors[0]
+    assert not (proj.parent / "out-notracking").exists()

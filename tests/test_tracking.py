@@ -1,0 +1,120 @@
+"""Where the stages' MLflow runs go, and what a tracking outage does to them (no server here:
+a store that fails on cue; tests/test_team.py kills a real one)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from stages.tracking import RunLogger, mlflow_run, tracking_uri
+
+
+class FlakyClient:
+    """An MlflowClient stand-in that refuses the first ``down`` calls."""
+
+    def __init__(self, down: int) -> None:
+        self.down, self.sent = down, []
+
+    def _maybe_fail(self) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise ConnectionError("Connection refused")
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self._maybe_fail()
+        self.sent += [("metric", m.key, m.value, m.step, m.timestamp) for m in metrics]
+        self.sent += [("param", p.key, p.value) for p in params]
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        self._maybe_fail()
+        self.sent.append(("artifact", path, artifact_path))
+
+    def set_terminated(self, run_id, status):
+        self._maybe_fail()
+        self.sent.append(("end", status))
+
+
+def test_calls_made_while_tracking_is_down_are_sent_in_order_with_their_times(caplog):
+    client = FlakyClient(down=3)
+    run = RunLogger(client, "r1", "http://tracking:5000")
+    with caplog.at_level(logging.INFO, logger="stages.tracking"):
+        run.log_params({"lr": 0.001})  # fails: buffered
+        t1 = int(time.time() * 1000)
+        run.log_metrics({"loss": 1.0}, step=1)  # fails (backlog first): buffered
+        time.sleep(0.01)
+        run.log_metrics({"loss": 0.5}, step=2)  # fails: buffered
+        assert client.sent == [] and len(run.pending) == 3
+        run.log_metrics({"loss": 0.25}, step=3)  # tracking is back: everything, in order
+        run.close("FINISHED", wait=0)
+    assert [s[:4] for s in client.sent] == [
+        ("param", "lr", "0.001"),
+        ("metric", "loss", 1.0, 1),
+        ("metric", "loss", 0.5, 2),
+        ("metric", "loss", 0.25, 3),
+        ("end", "FINISHED"),
+    ]
+    # each point keeps the time of its call, not the time it finally went out
+    stamps = [s[4] for s in client.sent if s[0] == "metric"]
+    assert abs(stamps[0] - t1) < 50 and stamps[0] < stamps[1] <= stamps[2]
+    text = caplog.text
+    assert "failed on params (ConnectionError: Connection refused): buffering" in text
+    assert "answers again after" in text and "the buffered calls are sent" in text
+    assert text.count("buffering") == 1  # said once per outage, not once per call
+
+
+def test_a_backlog_that_cannot_be_sent_is_named_and_does_not_raise(caplog):
+    client = FlakyClient(down=10**6)
+    run = RunLogger(client, "r2", "http://tracking:5000")
+    run.log_metrics({"loss": 1.0}, step=1)
+    run.log_artifact("/x/best.pt", "checkpoint")
+    with caplog.at_level(logging.INFO, logger="stages.tracking"):
+        run.close("FINISHED", wait=1.5)  # retries with back-off for 1.5 s, then gives up
+    assert client.sent == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "3 call(s) of run r2 could not be sent to http://tracking:5000 within 2 s" in errors[0]
+    assert "metrics (step 1), artifact best.pt, end of run" in errors[0]
+    assert "next try in 1 s" in caplog.text  # it did retry
+
+
+def test_environment_wins_over_params_for_the_tracking_uri(monkeypatch):
+    params = {"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(params) == "sqlite:///mlflow.db"
+    assert tracking_uri({}) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
+    assert tracking_uri(params) == "http://mlflow.lab:5000"
+
+
+def test_a_run_in_a_local_store_continues_and_a_foreign_run_id_starts_a_new_one(
+    tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = {"mlflow": {"experiment": "t"}}
+    with mlflow_run(params, "m", {"kind": "model"}) as run:
+        assert not run.resumed
+        run.log_metrics({"loss": 2.0}, step=1)
+    with mlflow_run(params, "m", {"kind": "model"}, run_id=run.run_id) as again:
+        assert again.resumed and again.run_id == run.run_id
+        again.log_metrics({"loss": 1.0}, step=2)
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2]
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    # a run id remembered from another store (e.g. before MLFLOW_TRACKING_URI was set)
+    with mlflow_run(params, "m", {"kind": "model"}, run_id="0" * 32) as fresh:
+        assert not fresh.resumed and fresh.run_id != "0" * 32
+
+
+def test_a_failing_body_ends_the_run_failed(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(RuntimeError, match="boom"), mlflow_run({}, "m", {}) as run:
+        raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
