@@ -277,3 +277,24 @@ def test_a_val_split_of_one_case_is_an_error_unless_cross_fitting_is_off():
     ):
         run_method("segmentation", t, cfg, 3, ["a", "b"])
     assert run_method("segmentation", t, cfg, 0, ["a", "b"])["crossfit"] == {}
+
+
+def test_every_stage_runs_numpy_blas_on_one_thread():
+    """The CLI wrapper pins NumPy/SciPy's BLAS to one thread (stages/common.py), so ten
+    parallel stages do not oversubscribe the cores and bytes do not depend on them."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from stages.common import cli
+
+    seen: list[int] = []
+
+    @cli
+    def main() -> None:
+        seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = threadpool_limits(limits=None)  # records the current limits, changes nothing
+    try:
+        main()
+    finally:
+        before.restore_original_limits()
+    assert seen and set(seen) == {1}
