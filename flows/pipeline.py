@@ -38,9 +38,10 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.futures import as_completed
 from prefect.states import State
 
+from flows.placement import plan_slots, visible_gpus
 from stages.common import flatten
 from stages.tracking import PARENT_RUN_ENV, experiment_name, tracking_uri
 
@@ -147,12 +148,16 @@ def _parent_run(params: dict) -> tuple[object, str]:
 
 
 @flow(name="mri-ensemble-pipeline", log_prints=True)
-def pipeline(models: list[str] | None = None, force: bool = False, parallel: int = 0) -> dict:
+def pipeline(
+    models: list[str] | None = None, force: bool = False, parallel: int | None = None
+) -> dict:
     """The whole DAG; ``models`` restricts training to those models (key or model name).
 
-    ``parallel`` models train at once (0: all), each with an equal share of the CPU
-    threads (at least one): on 2 cores, three 1-thread trainings beat three 2-thread
-    ones in turn, since a small network uses one thread more efficiently than two.
+    Trainings run on slots (flows/placement.py): one per visible GPU and
+    ``scale.trainings_per_device``, or on CPU ``parallel`` at once (None: params.yaml
+    ``scale.parallel``; 0: all), each with an equal share of the CPU threads (at least
+    one): on 2 cores, three 1-thread trainings beat three 2-thread ones in turn, since a
+    small network uses one thread more efficiently than two.
     """
     return run_dag(models, force, parallel)
 
@@ -167,29 +172,40 @@ def train_model(model: str, force: bool = True) -> dict:
     return run_dag([model], force)
 
 
-def run_dag(models: list[str] | None, force: bool = False, parallel: int = 0) -> dict:
+def run_dag(models: list[str] | None, force: bool = False, parallel: int | None = None) -> dict:
     """What both flows run (inside a flow run): see ``pipeline``."""
     logger = get_run_logger()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     chosen = select_models(params, models)
     tasks = sorted({params["train"][k]["task"] for k in chosen})
-    parallel = len(chosen) if parallel <= 0 else min(parallel, len(chosen))
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    scale = params.get("scale") or {}
+    slots = plan_slots(
+        len(chosen),
+        device=str(params.get("device", "auto")),
+        gpus=visible_gpus(),
+        trainings_per_device=int(scale.get("trainings_per_device", 1)),
+        parallel=int(scale.get("parallel", 0) if parallel is None else parallel),
+    )
     mlflow, parent = _parent_run(params)
-    env = {PARENT_RUN_ENV: parent, "MRI_ENSEMBLE_THREADS": str(threads)}
+    env = {PARENT_RUN_ENV: parent}
     t0 = time.perf_counter()
     status = "FAILED"
     try:
         _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
-        # one branch per model; `parallel` at a time, each with its share of the cores
-        futures = []
-        for i, name in enumerate(chosen):
-            if i >= parallel:
-                wait([futures[i - parallel]])  # a sliding window of `parallel` branches
-            futures.append(train_and_evaluate.submit(name, env, force))
+        # one branch per model; a branch takes a free slot (a GPU, or a share of the cores)
+        # and the next waits until one is free
+        futures, running, free = {}, {}, list(slots)
+        for name in chosen:
+            if not free:
+                done = next(as_completed(list(running)))
+                free.append(running.pop(done))
+            slot = free.pop(0)
+            logger.info("train@%s on %s", name, slot.name)
+            futures[name] = train_and_evaluate.submit(name, {**env, **slot.env}, force)
+            running[futures[name]] = slot
         _raise_failures(
             "train/evaluate",
-            dict(zip(chosen, futures, strict=True)),
+            futures,
             "; the other models' results are kept",
         )
         # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
@@ -248,7 +264,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="*", help="model names or <task>-<model> keys (default: all)")
     ap.add_argument("--force", action="store_true", help="retrain the chosen models")
-    ap.add_argument("--parallel", type=int, default=0, help="models trained at once (0: all)")
+    ap.add_argument(
+        "--parallel", type=int, default=None,
+        help="CPU: models trained at once (0: all; default: params.yaml scale.parallel)",
+    )  # fmt: skip
     args = ap.parse_args()
     try:
         pipeline(models=args.models, force=args.force, parallel=args.parallel)
