@@ -87,6 +87,12 @@ def api(tmp_path_factory):
 
     with prefect_server(tmp_path_factory.mktemp("placement")) as a:
         yield a
+        from prefect.events.worker import EventsWorker
+
+        # send this process's queued events while the server is up (else later tests
+        # see the worker's errors about a server that is gone)
+        with a.settings():
+            EventsWorker.drain_all(timeout=30)
 
 
 @pytest.fixture()
