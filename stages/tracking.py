@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -68,6 +69,16 @@ def git_revision() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def where_tags() -> dict[str, str]:
+    """Where the run started: host, process, and the flow's slot (GPU, thread share)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    for env, tag in (("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"),
+                     ("MRI_ENSEMBLE_THREADS", "threads")):  # fmt: skip
+        if os.environ.get(env) is not None:
+            tags[tag] = os.environ[env]
+    return tags
 
 
 def _one_line(exc: BaseException) -> str:
@@ -249,6 +260,7 @@ def mlflow_run(
             all_tags = {
                 "git_revision": git_revision(),
                 "dvc_stage": os.environ.get("DVC_STAGE", "manual"),
+                **where_tags(),
                 **tags,
             }
             parent = os.environ.get(PARENT_RUN_ENV)

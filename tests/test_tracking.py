@@ -4,6 +4,8 @@ a store that fails on cue; tests/test_team.py kills a real one)."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 
 import pytest
@@ -96,6 +98,7 @@ def test_a_run_in_a_local_store_continues_and_a_foreign_run_id_starts_a_new_one(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MRI_ENSEMBLE_THREADS", "3")  # the flow's slot, recorded as a tag
     params = {"mlflow": {"experiment": "t"}}
     with mlflow_run(params, "m", {"kind": "model"}) as run:
         assert not run.resumed
@@ -105,6 +108,9 @@ def test_a_run_in_a_local_store_continues_and_a_foreign_run_id_starts_a_new_one(
         again.log_metrics({"loss": 1.0}, step=2)
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2]
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["pid"] == str(os.getpid()) and tags["host"] == socket.gethostname()
+    assert tags["threads"] == "3" and tags["kind"] == "model"
     assert client.get_run(run.run_id).info.status == "FINISHED"
     # a run id remembered from another store (e.g. before MLFLOW_TRACKING_URI was set)
     with mlflow_run(params, "m", {"kind": "model"}, run_id="0" * 32) as fresh:
