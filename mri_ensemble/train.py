@@ -7,6 +7,12 @@ improvement (``best.pt``), and resume from ``last.pt`` after a killed run.
 
 The engine knows nothing of trackers: it calls ``on_epoch(row)`` after each epoch and the
 stage decides what to log.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same ``fit`` trains data-parallel
+(DistributedDataParallel): each rank draws its share of every epoch from a
+``DistributedSampler`` and takes ``batch_size / world`` of the global batch, the gradients
+are averaged over the ranks, rank 0 alone validates, writes checkpoints and calls the
+hooks, and every rank resumes from the same ``last.pt``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import ConfigError, DataError
 from .io import atomic_path
 from .nets import build_model
@@ -209,6 +216,7 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     batch_transform: BatchTransform | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` on ``train_set``; checkpoints go to ``work_dir``.
 
@@ -222,12 +230,31 @@ def fit(
     ``meta`` (task, model name, resolved params, data identity, ...) is stored in every
     checkpoint; its fingerprint decides whether an existing ``work_dir/last.pt`` is
     resumed (same run, killed) or discarded (anything changed).
+    ``on_checkpoint(last_path)`` runs after each epoch's ``last.pt`` is written (e.g. to
+    share it, so that another machine can resume).
     Returns the final ``last.pt`` state without weights: history, best epoch, etc.
     """
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
+    world = distributed.init(device.type == "cuda")
+    if world.distributed:
+        if cfg.batch_size % world.size:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} does not split over {world.size} processes"
+            )
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
     seed_everything(cfg.seed)
     model = spec.build().to(device)
+    net: nn.Module = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":  # SyncBatchNorm runs on CUDA only: CPU ranks keep their own
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(
+            model, device_ids=[world.local_rank] if device.type == "cuda" else None
+        )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _make_scheduler(opt, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -260,7 +287,8 @@ def fit(
             log.info("resuming %s from epoch %d", last_path, old["epoch"])
         else:
             log.info("%s belongs to other params or data; starting afresh", last_path)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        work_dir.mkdir(parents=True, exist_ok=True)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stopped_early"]:
@@ -270,14 +298,21 @@ def fit(
         set_epoch = getattr(train_set, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+        if world.distributed:  # this rank's share of the epoch, its part of each global batch
+            sampler: DistributedSampler[Batch] = DistributedSampler(
+                train_set, world.size, world.rank, seed=cfg.seed
+            )
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=cfg.batch_size // world.size, sampler=sampler)
+        else:
+            loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
         model.train()
         total, count = 0.0, 0
         bar = tqdm(
             loader,
             desc=f"epoch {epoch}/{cfg.epochs}",
             leave=False,
-            disable=None if progress else True,
+            disable=None if progress and world.main else True,
         )
         for inputs, targets in bar:
             if batch_transform is not None:
@@ -287,7 +322,7 @@ def fit(
             x, y = _to(inputs, device), _to(targets, device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                out = model(*x)
+                out = net(*x)
             loss = loss_fn(out, *y)
             if not torch.isfinite(loss):
                 raise DataError(f"training loss became {loss.item()} at epoch {epoch}")
@@ -299,10 +334,18 @@ def fit(
             bar.set_postfix(loss=f"{total / count:.4f}")
         if sched is not None:
             sched.step()
+        total, seen = distributed.all_sum([total, float(count)], device)  # over the ranks
         model.eval()
-        with torch.no_grad():
-            val = validate(model, device)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"]}
+        val = None
+        if world.main:  # one validation; every rank takes its numbers (same early stopping)
+            with torch.no_grad():
+                val = validate(model, device)
+        val = distributed.broadcast(val)
+        row = {
+            "epoch": epoch,
+            "train_loss": total / max(seen, 1.0),
+            "lr": opt.param_groups[0]["lr"],
+        }
         row.update(val)
         state["history"].append(row)
         state["epoch"] = epoch
@@ -316,6 +359,8 @@ def fit(
         else:
             state["bad_epochs"] += 1
             state["stopped_early"] = state["bad_epochs"] >= cfg.patience
+        if not world.main:
+            continue
         if on_epoch is not None:  # before the checkpoint: a kill re-logs, never loses, an epoch
             on_epoch(row)
         ckpt = dict(
@@ -329,6 +374,8 @@ def fit(
         if improved:
             save_checkpoint(best_path, ckpt)
         save_checkpoint(last_path, ckpt)
+        if on_checkpoint is not None:
+            on_checkpoint(last_path)
         log.info(
             "epoch %d/%d %s",
             epoch,
@@ -337,6 +384,7 @@ def fit(
         )
         if state["stopped_early"]:
             log.info("early stopping: val_loss did not improve for %d epochs", cfg.patience)
+    distributed.barrier()  # rank 0's checkpoints are written before any rank returns
     return state
 
 

@@ -35,6 +35,9 @@ from .common import ServiceUnavailable, get
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_RUN_ENV = "MRI_ENSEMBLE_PARENT_RUN_ID"
 WAIT_ENV = "MRI_ENSEMBLE_TRACKING_WAIT"  # seconds the backlog gets at the end of a stage
+# set on cluster workers: a training logs its last.pt to its run (resume/) after each epoch,
+# so that if the worker dies, the retry on another worker resumes from it
+SHARE_ENV = "MRI_ENSEMBLE_SHARE_CHECKPOINTS"
 # Which MLflow run trained which model: kept beside the outputs, not in them, so a model
 # folder's bytes do not depend on the run id (evaluate continues the training's run).
 RUNS_DIR = Path(".mlflow-runs")
@@ -282,6 +285,40 @@ def mlflow_run(
         status = "FINISHED"
     finally:
         run.close(status)
+
+
+def shared_checkpoint(params: Mapping[str, Any], fingerprint: str, dst: Path) -> str | None:
+    """Resume a training another machine began: the newest unfinished run tagged with this
+    training ``fingerprint`` whose ``resume/last.pt`` was shared (``SHARE_ENV``) is fetched
+    to ``dst/last.pt``; returns that run's id, or None (nothing shared, or no tracking)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment_name(params))
+        if exp is None:
+            return None
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.fingerprint = '{fingerprint}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5,
+        )
+        for r in runs:
+            with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as t:
+                try:
+                    got = Path(client.download_artifacts(r.info.run_id, "resume/last.pt", t))
+                except Exception:  # that run shared nothing (killed before its first epoch)
+                    continue
+                dst.mkdir(parents=True, exist_ok=True)
+                got.replace(dst / "last.pt")
+            return str(r.info.run_id)
+    except Exception as exc:  # no tracking: a fresh start, not a failure
+        log.warning("no shared checkpoint from %s (%s): starting afresh", uri, _one_line(exc))
+    return None
 
 
 def remember_run(name: str, run_id: str) -> None:

@@ -3,6 +3,13 @@
 A killed run resumes from ``.resume/<task>/<model>/last.pt`` (and continues its MLflow
 run) when rerun with the same params and data; the finished checkpoints are moved into
 the DVC out ``models/<task>/<model>/`` in one rename.
+
+``optim: {ddp: N}`` trains one model data-parallel over N processes: the stage starts
+``torchrun --standalone --nproc_per_node=N`` on its own command line (one process per GPU,
+or N CPU processes sharing the cores); rank 0 alone writes the outs and logs to MLflow.
+On a cluster worker (``MRI_ENSEMBLE_SHARE_CHECKPOINTS=1``, set by the flow) every epoch's
+``last.pt`` also goes to the run's ``resume/`` artifacts, and a training that finds no local
+``last.pt`` resumes from the one an unfinished run of the same training shared.
 """
 
 from __future__ import annotations
@@ -12,14 +19,18 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mri_ensemble import reconstruction, segmentation
+from mri_ensemble import distributed, reconstruction, segmentation
 from mri_ensemble.data.augment import mixup_batch
 from mri_ensemble.data.prepared import SliceDataset, read_segmentation_h5
 from mri_ensemble.data.prepared_recon import read_reconstruction_h5
@@ -36,12 +47,13 @@ from mri_ensemble.train import (
     TrainConfig,
     Validate,
     fit,
+    resolve_device,
     set_threads_from_env,
     training_fingerprint,
 )
 
 from .common import cli, flatten, get, load_params, log, model_entry
-from .tracking import mlflow_run, remember_run
+from .tracking import SHARE_ENV, mlflow_run, remember_run, shared_checkpoint
 
 RESUME_ROOT = Path(".resume")
 KNOWN_KEYS = {"task", "model", "arch", "net", "loss", "loss_config", "optim", "mixup_alpha"}
@@ -124,6 +136,36 @@ def mixup_transform(entry: dict, n_classes: int) -> BatchTransform | None:
     return mix
 
 
+def ddp_processes(name: str, optim: dict) -> int:
+    """Pop ``optim.ddp`` (processes for one data-parallel training; default 1)."""
+    n = optim.pop("ddp", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(
+            f"params.yaml: train.{name}.optim.ddp should be an integer >= 1, got {n!r}"
+        )
+    return n
+
+
+def _torchrun_dies_with_us() -> None:
+    distributed.die_with_parent(signal.SIGTERM)  # torchrun stops its ranks on SIGTERM
+
+
+def launch_ddp(n: int) -> None:
+    """This stage's own command line again under ``torchrun``, ``n`` processes on this machine.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` unless told: the stage's thread share
+    (``MRI_ENSEMBLE_THREADS``, else every core) is split between the processes instead.
+    """
+    threads = max(1, int(os.environ.get("MRI_ENSEMBLE_THREADS") or os.cpu_count() or 1) // n)
+    env = {**os.environ, "MRI_ENSEMBLE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", "-m", "stages.train", *sys.argv[1:]]  # fmt: skip
+    log.info("data-parallel training: %s", " ".join(cmd[1:]))
+    code = subprocess.run(cmd, env=env, preexec_fn=_torchrun_dies_with_us).returncode
+    if code:
+        sys.exit(code)
+
+
 @cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -140,11 +182,22 @@ def main() -> None:
         raise ConfigError(f"params.yaml: train.{args.name}: unknown key(s) {unknown}")
     task, model_name = entry["task"], entry["model"]
     set_threads_from_env()
+    optim = dict(entry.get("optim") or {})
+    ddp = ddp_processes(args.name, optim)
     cfg = TrainConfig.from_params(
-        {**entry.get("optim", {}), "seed": get(params, "seed"), "device": get(params, "device")}
+        {**optim, "seed": get(params, "seed"), "device": get(params, "device")}
     )
+    if cfg.batch_size % ddp:
+        raise ConfigError(
+            f"params.yaml: train.{args.name}.optim.batch_size {cfg.batch_size} does not split "
+            f"over ddp {ddp} processes"
+        )
     spec, loss_fn, train_set, validate = setup_task(entry, args.train, args.val, cfg.seed)
     batch_transform = mixup_transform(entry, spec.out_channels)  # config errors before MLflow
+    if ddp > 1 and not distributed.launched():
+        launch_ddp(ddp)  # the ranks write the outs
+        return
+    world = distributed.init(resolve_device(cfg.device).type == "cuda")
     n_params = count_parameters(spec.build())
     meta = {
         "task": task,
@@ -159,10 +212,23 @@ def main() -> None:
     if run_file.is_file() and (work / "last.pt").is_file():
         saved = json.loads(run_file.read_text())
         run_id = saved["run_id"] if saved.get("fingerprint") == fp else None
+    if not world.main:  # rank 0 prepares the work folder, trains with us, writes everything
+        distributed.barrier()
+        fit(spec, train_set, loss_fn, validate, cfg, work, meta, None, False, batch_transform)
+        distributed.shutdown()
+        return
     if run_id is None and work.exists():
         shutil.rmtree(work)
+    share = os.environ.get(SHARE_ENV) == "1"
+    if share and run_id is None:  # a worker that died mid-training may have shared last.pt
+        run_id = shared_checkpoint(params, fp, work)
+        if run_id is not None:
+            write_json(run_file, {"fingerprint": fp, "run_id": run_id})
+            log.info("resuming from the last.pt that MLflow run %s shared", run_id)
+    distributed.barrier()
 
-    tags = {"task": task, "model": model_name, "arch": entry["arch"], "kind": "model"}
+    tags = {"task": task, "model": model_name, "arch": entry["arch"], "kind": "model",
+            "fingerprint": fp}  # fmt: skip
     with mlflow_run(params, model_name, tags, run_id=run_id) as run:
         if not run.resumed:
             write_json(run_file, {"fingerprint": fp, "run_id": run.run_id})
@@ -178,6 +244,9 @@ def main() -> None:
         def on_epoch(row: dict[str, float]) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
+        def on_checkpoint(last: Path) -> None:
+            run.log_artifact(last, artifact_path="resume")
+
         state = fit(
             spec,
             train_set,
@@ -188,7 +257,9 @@ def main() -> None:
             meta,
             on_epoch,
             batch_transform=batch_transform,
+            on_checkpoint=on_checkpoint if share else None,
         )
+        distributed.shutdown()
         summary = {
             "task": task,
             "model": model_name,
