@@ -12,6 +12,7 @@ subprocess of its own, here, one run at a time (the runs share one DVC workspace
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deploy
     PREFECT_API_URL=http://127.0.0.1:4200/api \\
         prefect deployment run 'mri-ensemble-train-model/local' --param model=unet --watch
+    python -m flows.deploy --cluster tcp://head:8786    # their trainings on Dask workers
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ NAME = "local"
 TAGS = ["mri-ensemble"]
 
 
-def deployments() -> list[RunnerDeployment]:
+def deployments(cluster: str | None = None) -> list[RunnerDeployment]:
+    """Both flows; with ``cluster`` (a Dask scheduler, or ``local``) they train there."""
+    extra = {"parameters": {"cluster": cluster}} if cluster else {}
     return [
-        pipeline.to_deployment(name=NAME, tags=TAGS),
-        train_model.to_deployment(name=NAME, tags=TAGS),
+        pipeline.to_deployment(name=NAME, tags=TAGS, **extra),
+        train_model.to_deployment(name=NAME, tags=TAGS, **extra),
     ]
 
 
@@ -60,13 +63,18 @@ def main() -> None:
     ap.add_argument(
         "--limit", type=int, default=1, help="flow runs at once (default 1: one DVC workspace)"
     )
+    ap.add_argument(
+        "--cluster", default=None, metavar="ADDRESS",
+        help="the flow runs train on this Dask scheduler (or 'local'); default: "
+             "MRI_ENSEMBLE_CLUSTER, then params.yaml scale.cluster",
+    )  # fmt: skip
     args = ap.parse_args()
     problem = api_problem()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
     os.chdir(ROOT)  # flow runs start here: entrypoints are relative paths, DVC needs the repo
-    serve(*deployments(), limit=args.limit)
+    serve(*deployments(args.cluster), limit=args.limit)
 
 
 if __name__ == "__main__":

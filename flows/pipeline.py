@@ -11,6 +11,11 @@ processes through ``MRI_ENSEMBLE_PARENT_RUN_ID``.
 
     python -m flows.pipeline                      # everything that is stale
     python -m flows.pipeline --models unet --force
+    python -m flows.pipeline --cluster tcp://head:8786   # trainings on Dask workers
+
+Trainings run on slots of this machine (flows/placement.py: one per GPU, or a share of
+the cores), or with ``--cluster`` on Dask workers through Prefect's DaskTaskRunner, each
+worker in its own checkout, the DVC remote in between (flows/cluster.py).
 
 Two flows: ``pipeline`` (the whole DAG) and ``train_model`` (one model, retrained, then
 its evaluate, its task's ensemble and cost, and the report); ``python -m flows.deploy``
@@ -28,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -41,9 +48,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import State
 
+from flows import cluster as dask_cluster
+from flows.cluster import ClusterError
 from flows.placement import plan_slots, visible_gpus
 from stages.common import flatten
-from stages.tracking import PARENT_RUN_ENV, experiment_name, tracking_uri
+from stages.tracking import PARENT_RUN_ENV, SHARE_ENV, experiment_name, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+ (INFO|WARNING|ERROR) ")  # stages' log format
@@ -70,17 +79,27 @@ def _worth_retrying(task: object, task_run: object, state: State) -> bool:
     retry_condition_fn=_worth_retrying,
     task_run_name="{stage}",
 )
-def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
-    """Run one DVC stage; raises on a non-zero exit so Prefect marks it failed (and retries)."""
+def dvc_stage(
+    stage: str,
+    env: dict[str, str],
+    force: bool = False,
+    root: str | None = None,
+    pull: bool = False,
+    upstream: bool = False,
+) -> str:
+    """Run one DVC stage (``upstream``: and the stale ones before it) in ``root`` (default:
+    this checkout); ``pull``: outputs found in the remote's run-cache are restored instead
+    of recomputed. Raises on a non-zero exit so Prefect marks it failed (and retries)."""
     logger = get_run_logger()
-    cmd = ["dvc", "--wait-for-lock", "repro", "-s", stage] + (["-f"] if force else [])
+    cmd = ["dvc", "--wait-for-lock", "repro", *(["--pull"] if pull else []),
+           *([] if upstream else ["-s"]), stage, *(["-f"] if force else [])]  # fmt: skip
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=15)
     skipped = False
     # stream the stage's log lines (one per epoch while training) into the Prefect log
     with subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=root or ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -90,8 +109,8 @@ def dvc_stage(stage: str, env: dict[str, str], force: bool = False) -> str:
         for raw in proc.stdout:
             line = raw.rstrip()
             tail.append(line)
-            skipped |= "didn't change, skipping" in line
-            if LOG_LINE.match(line) or line.startswith(("error:", "Running stage")):
+            skipped |= "didn't change, skipping" in line or "is cached - skipping" in line
+            if LOG_LINE.match(line) or line.startswith(("error:", "Running stage", "Stage '")):
                 logger.info(line)
     if proc.returncode != 0:
         # DVC exits 255 whatever the stage did; its last line gives the stage's own status
@@ -122,6 +141,42 @@ def train_and_evaluate(name: str, env: dict[str, str], force: bool = False) -> s
     return dvc_stage(f"evaluate@{name}", env)
 
 
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="push {root}")
+def dvc_push(stages: list[str], root: str | None = None) -> None:
+    """``dvc push --run-cache`` of these stages' outputs (and every run-cache entry)."""
+    cmd = ["dvc", "push", "--run-cache", *stages]
+    proc = subprocess.run(cmd, cwd=root or ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise StageFailed(f"{' '.join(cmd)} in {root or ROOT} exited {proc.returncode}:\n"
+                          + (proc.stdout + proc.stderr)[-2000:])  # fmt: skip
+    plots = dask_cluster.push_uncached_outs(Path(root or ROOT), stages)
+    get_run_logger().info(
+        "%s: %s (and %d plot objects)", " ".join(cmd), proc.stdout.strip().splitlines()[-1:], plots
+    )
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name} on a worker")
+def branch_on_worker(
+    name: str, data: str, env: dict[str, str], force: bool, head: dask_cluster.Head
+) -> dict:
+    """One model's branch on a Dask worker, in the worker's own checkout of the head's
+    commit (flows/cluster.py); in place when the worker shares the head's checkout."""
+    root = dask_cluster.worker_checkout()
+    where = {**dask_cluster.where(), "checkout": str(root)}
+    if os.environ.get("MRI_ENSEMBLE_THREADS"):  # set where the worker was started
+        env = {**env, "MRI_ENSEMBLE_THREADS": os.environ["MRI_ENSEMBLE_THREADS"]}
+    if head.is_here(root):  # a LocalCluster: the head's workspace, as without a cluster
+        train_and_evaluate(name, env, force)
+        return where
+    dask_cluster.sync_checkout(root, head.commit)
+    r = str(root)
+    dvc_stage(f"augment@{data}", env, root=r, pull=True, upstream=True)  # ingest+augment back
+    dvc_stage(f"train@{name}", {**env, SHARE_ENV: "1"}, force, root=r, pull=True)
+    dvc_stage(f"evaluate@{name}", env, root=r, pull=True)
+    dvc_push([f"train@{name}", f"evaluate@{name}"], r)
+    return where
+
+
 def select_models(params: dict, models: list[str] | None) -> list[str]:
     """``train`` keys to run: all, or those whose key or model name is in ``models``."""
     entries = params["train"]
@@ -149,30 +204,41 @@ def _parent_run(params: dict) -> tuple[object, str]:
 
 @flow(name="mri-ensemble-pipeline", log_prints=True)
 def pipeline(
-    models: list[str] | None = None, force: bool = False, parallel: int | None = None
+    models: list[str] | None = None,
+    force: bool = False,
+    parallel: int | None = None,
+    cluster: str | None = None,
 ) -> dict:
     """The whole DAG; ``models`` restricts training to those models (key or model name).
 
+    ``cluster``: a Dask scheduler address (or ``local``: a LocalCluster; None:
+    ``MRI_ENSEMBLE_CLUSTER``, then ``scale.cluster``): the model branches run on its
+    workers through Prefect's DaskTaskRunner (flows/cluster.py).
+
     Trainings run on slots (flows/placement.py): one per visible GPU and
     ``scale.trainings_per_device``, or on CPU ``parallel`` at once (None: params.yaml
-    ``scale.parallel``; 0: all), each with an equal share of the CPU threads (at least
-    one): on 2 cores, three 1-thread trainings beat three 2-thread ones in turn, since a
-    small network uses one thread more efficiently than two.
+    ``scale.parallel``; 0: all), each with ``scale.threads_per_training`` torch threads
+    (bench/placement.py measures the policies).
     """
-    return run_dag(models, force, parallel)
+    return run_dag(models, force, parallel, cluster)
 
 
 @flow(name="mri-ensemble-train-model", log_prints=True)
-def train_model(model: str, force: bool = True) -> dict:
+def train_model(model: str, force: bool = True, cluster: str | None = None) -> dict:
     """Retrain one model, then its evaluate, its task's ensemble and cost, and the report.
 
     ``model`` is a model name (every task's model of that name) or a ``<task>-<model>``
     key, as ``--models``; ``force=False`` retrains only if its params or data changed.
     """
-    return run_dag([model], force)
+    return run_dag([model], force, cluster=cluster)
 
 
-def run_dag(models: list[str] | None, force: bool = False, parallel: int | None = None) -> dict:
+def run_dag(
+    models: list[str] | None,
+    force: bool = False,
+    parallel: int | None = None,
+    cluster: str | None = None,
+) -> dict:
     """What both flows run (inside a flow run): see ``pipeline``."""
     logger = get_run_logger()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -185,29 +251,42 @@ def run_dag(models: list[str] | None, force: bool = False, parallel: int | None 
         gpus=visible_gpus(),
         trainings_per_device=int(scale.get("trainings_per_device", 1)),
         parallel=int(scale.get("parallel", 0) if parallel is None else parallel),
+        threads_per_training=int(scale.get("threads_per_training", 1)),
     )
+    cluster = dask_cluster.resolve_cluster(cluster, params)
+    remote = cluster is not None and cluster != "local"
+    if remote:
+        dask_cluster.check_head(cluster, params)
     mlflow, parent = _parent_run(params)
     env = {PARENT_RUN_ENV: parent}
     t0 = time.perf_counter()
     status = "FAILED"
+    stack = contextlib.ExitStack()  # the cluster's client (and a LocalCluster) for this run
     try:
-        _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
-        # one branch per model; a branch takes a free slot (a GPU, or a share of the cores)
-        # and the next waits until one is free
-        futures, running, free = {}, {}, list(slots)
-        for name in chosen:
-            if not free:
-                done = next(as_completed(list(running)))
-                free.append(running.pop(done))
-            slot = free.pop(0)
-            logger.info("train@%s on %s", name, slot.name)
-            futures[name] = train_and_evaluate.submit(name, {**env, **slot.env}, force)
-            running[futures[name]] = slot
-        _raise_failures(
-            "train/evaluate",
-            futures,
-            "; the other models' results are kept",
+        runner = (
+            stack.enter_context(dask_cluster.task_runner(cluster, len(slots))) if cluster else None
         )
+        if remote:
+            on_workers(params, chosen, tasks, env, force, runner)
+        else:
+            _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
+            # one branch per model; a branch takes a free slot (a GPU, or a share of the
+            # cores) and the next waits until one is free
+            futures, running, free = {}, {}, list(slots)
+            for name in chosen:
+                if not free:
+                    done = next(as_completed(list(running)))
+                    free.append(running.pop(done))
+                slot = free.pop(0)
+                logger.info("train@%s on %s", name, slot.name)
+                kwargs = {"name": name, "env": {**env, **slot.env}, "force": force}
+                futures[name] = (
+                    runner.submit(train_and_evaluate, kwargs)  # a LocalCluster's worker
+                    if runner is not None
+                    else train_and_evaluate.submit(**kwargs)
+                )
+                running[futures[name]] = slot
+            _raise_failures("train/evaluate", futures, "; the other models' results are kept")
         # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
         after = {PARENT_RUN_ENV: parent}
         for t in tasks:
@@ -222,9 +301,41 @@ def run_dag(models: list[str] | None, force: bool = False, parallel: int | None 
         status = "FINISHED"
     finally:
         mlflow.end_run(status=status)
+        stack.close()
     seconds = time.perf_counter() - t0
     logger.info("pipeline finished in %.1f s (%s)", seconds, ", ".join(chosen))
     return {"models": chosen, "seconds": seconds, "mlflow_parent_run": parent}
+
+
+def on_workers(
+    params: dict, chosen: list[str], tasks: list[str], env: dict, force: bool, runner: Any
+) -> None:
+    """The model branches on the Dask workers, then restored here from the run-cache."""
+    import dask
+
+    logger = get_run_logger()
+    head = dask_cluster.head(ROOT)
+    for t in tasks:  # the data are prepared here, once, and reach the workers by the remote
+        prepare(t, env)
+    dvc_push([s for t in tasks for s in (f"ingest@{t}", f"augment@{t}")])
+    uri = dask_cluster.shared_tracking_uri(tracking_uri(params), ROOT)
+    worker_env = {**env, "MLFLOW_TRACKING_URI": uri}
+    threads = int((params.get("scale") or {}).get("threads_per_training", 1))
+    if threads:  # the same torch thread count as here, the same bytes (a worker's own wins)
+        worker_env["MRI_ENSEMBLE_THREADS"] = str(threads)
+    needs = dask_cluster.resources(params)
+    futures = {}
+    for name in chosen:
+        with dask.annotate(resources=needs) if needs else contextlib.nullcontext():
+            kwargs = {"name": name, "data": params["train"][name]["task"], "env": worker_env,
+                      "force": force, "head": head}  # fmt: skip
+            futures[name] = runner.submit(branch_on_worker, kwargs)
+    _raise_failures("train/evaluate", futures, "; the other models' results are kept")
+    for name, future in futures.items():
+        w = future.result()
+        logger.info("train@%s ran on %s (pid %s) in %s", name, w["host"], w["pid"], w["checkout"])
+        for stage in (f"train@{name}", f"evaluate@{name}"):  # the workers' outputs, here
+            dvc_stage(stage, env, pull=True)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="register {t}")
@@ -268,10 +379,15 @@ def main() -> None:
         "--parallel", type=int, default=None,
         help="CPU: models trained at once (0: all; default: params.yaml scale.parallel)",
     )  # fmt: skip
+    ap.add_argument(
+        "--cluster", default=None, metavar="ADDRESS",
+        help="train on a Dask cluster: its scheduler (tcp://host:8786) or 'local' "
+             "(default: MRI_ENSEMBLE_CLUSTER, then params.yaml scale.cluster)",
+    )  # fmt: skip
     args = ap.parse_args()
     try:
-        pipeline(models=args.models, force=args.force, parallel=args.parallel)
-    except (StageFailed, ValueError) as exc:
+        pipeline(models=args.models, force=args.force, parallel=args.parallel, cluster=args.cluster)
+    except (StageFailed, ClusterError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 

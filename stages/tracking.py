@@ -75,8 +75,8 @@ def git_revision() -> str:
 
 
 def where_tags() -> dict[str, str]:
-    """Where the run started: host, process, and the flow's slot (GPU, thread share)."""
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    """Where the run started: host, process, checkout, and the flow's slot (GPU, threads)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "checkout": os.getcwd()}
     for env, tag in (("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"),
                      ("MRI_ENSEMBLE_THREADS", "threads")):  # fmt: skip
         if os.environ.get(env) is not None:

@@ -316,24 +316,26 @@ def lock_outs(lock: dict, stage: str) -> dict[str, str]:
     return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
 
 
-def test_forced_rerun_rewrites_identical_bytes(project: Path, tmp_path: Path):
-    """HDF5, checkpoints, predictions and JSON reproduce byte for byte: a forced rerun of a
-    branch (augment, train, evaluate, ensemble, cost) leaves dvc.lock and git-kept files
-    as they were. The trainings run with the flow's thread count."""
+def test_forced_reruns_one_and_two_at_a_time_rewrite_identical_bytes(project: Path, tmp_path):
+    """HDF5, checkpoints, predictions and JSON reproduce byte for byte, whatever the
+    placement: the first run trained all seven models at once; a forced augment, then the
+    flow retraining two models with ``--parallel 1`` and again with ``--parallel 2`` (one
+    torch thread each, the default ``scale.threads_per_training``), leave dvc.lock, the
+    metrics and the histories as they were (so evaluate, ensemble and cost did not rerun)."""
     copy = tmp_path / "proj"
     shutil.copytree(project, copy, symlinks=True)
     kept = ("dvc.lock", "reports/segmentation/metrics.json", "reports/segmentation/cost.json",
             "reports/segmentation/history/unet.csv")  # fmt: skip
     before = {f: (copy / f).read_bytes() for f in kept}
-    threads = str(max(1, (os.cpu_count() or 1) // 7))  # the tiny flow trains 7 models at once
-    stages = ["augment@segmentation", "train@segmentation-unet", "evaluate@segmentation-unet"]
-    env = {**env_for(copy), "MRI_ENSEMBLE_THREADS": threads}
-    proc = subprocess.run(["dvc", "repro", "-f", "-s", *stages], cwd=copy, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sh(["dvc", "repro", "-f", "-s", "ensemble@segmentation", "cost@segmentation"], copy)
-    changed = [f for f in kept if (copy / f).read_bytes() != before[f]]
-    assert not changed, f"a forced rerun rewrote {changed}"
+    sh(["dvc", "repro", "-f", "-s", "augment@segmentation"], copy)
+    models = ["segmentation-unet", "segmentation-attention_unet"]
+    for parallel in ("1", "2"):
+        out = sh([sys.executable, "-m", "flows.pipeline", "--force", "--parallel", parallel,
+                  "--models", *models], copy)  # fmt: skip
+        log = out.stdout + out.stderr
+        assert all(f"train@{m} ran in" in log for m in models), log[-2000:]
+        changed = [f for f in kept if (copy / f).read_bytes() != before[f]]
+        assert not changed, f"--parallel {parallel} rewrote {changed}"
 
 
 def test_run_cache_restores_a_training_without_running_it(project: Path, tmp_path: Path):

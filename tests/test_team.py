@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -405,3 +406,178 @@ def test_no_tracking_server_at_start_fails_at_once_with_one_line(origin: Origin)
     assert "MLflow tracking at http://127.0.0.1:" in errors[0]
     assert "cannot start run 'notracking' (MlflowException: Connection refused)" in errors[0]
     assert not (proj.parent / "out-notracking").exists()
+
+
+# --- the trainings on a Dask cluster: a scheduler and two workers, each in its own clone ---
+
+
+@dataclass
+class Cluster:
+    origin: Origin
+    head: Path
+    env: dict[str, str]
+    scheduler: str
+    workers: dict[str, tuple[Path, Path]]  # name -> (clone, log)
+    procs: dict
+
+    def start_worker(self, name: str) -> None:
+        clone, log = self.workers[name]
+        env = {**env_for(clone), "PYTHONPATH": str(clone),
+               "PREFECT_HOME": str(clone.parent / f"{name}-prefect-home")}  # fmt: skip
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):  # the head hands both over
+            env.pop(key, None)
+        cmd = [str(Path(sys.executable).with_name("dask")), "worker", self.scheduler,
+               "--nthreads", "1", "--resources", "GPU=1", "--name", name, "--no-dashboard"]  # fmt: skip
+        self.procs[name] = (start(cmd, clone, env, log), log)
+
+    def flow(self, *extra: str) -> tuple[subprocess.Popen, Path]:
+        """The flow on the cluster, started in the head (its log in a file)."""
+        cmd = [sys.executable, "-m", "flows.pipeline", "--cluster", self.scheduler, *extra]
+        log = (
+            self.head.parent
+            / f"cluster-flow-{len(list(self.head.parent.glob('cluster-flow-*')))}.log"
+        )
+        return start(cmd, self.head, self.env, log), log
+
+
+@pytest.fixture(scope="module")
+def cluster(origin: Origin) -> Iterator[Cluster]:
+    """A head clone at the commit before training, two worker clones of it, and a DVC
+    remote of their own (a folder: the team's S3 already holds the origin's run-cache)."""
+    tmp, git = origin.team.tmp, ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    head, env = clone(origin, "head")
+    run(["git", "reset", "-q", "--hard", "HEAD~1"], head, env)  # no dvc.lock: all to run
+    remote = tmp / "cluster-remote"
+    workers = {}
+    for name in ("w1", "w2"):
+        dest = tmp / name
+        run([*git, "clone", "-q", str(head), str(dest)], tmp, env)
+        workers[name] = (dest, tmp / f"{name}.log")
+    for proj in (head, *(c for c, _ in workers.values())):
+        run(["dvc", "remote", "add", "--local", "-d", "cluster", str(remote)], proj, env)
+    port = free_port()
+    log = tmp / "scheduler.log"
+    procs: dict = {}
+    dask = str(Path(sys.executable).with_name("dask"))
+    procs["scheduler"] = (start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-dashboard"], tmp, env_for(tmp), log), log)  # fmt: skip
+    c = Cluster(origin, head, env, f"tcp://127.0.0.1:{port}", workers, procs)
+    try:
+        for name in workers:
+            c.start_worker(name)
+        wait_until(lambda: all("Registered to" in lg.read_text() for _, lg in workers.values()),
+                   "two Dask workers", 120, procs)  # fmt: skip
+        yield c
+    finally:
+        for proc, _ in procs.values():
+            stop(proc)
+
+
+def flow_runs(cluster: Cluster, parent: str) -> dict[str, list]:
+    client = cluster.origin.team.client()
+    exp = client.get_experiment_by_name("mri-ensemble")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_name: dict[str, list] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    return by_name
+
+
+def parent_of_last_flow(cluster: Cluster) -> str:
+    client = cluster.origin.team.client()
+    exp = client.get_experiment_by_name("mri-ensemble")
+    (last,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    return last.info.run_id
+
+
+def test_the_flow_trains_on_dask_workers_and_the_head_gets_the_same_results(cluster: Cluster):
+    proc, flow_log = cluster.flow()
+    assert proc.wait(timeout=900) == 0, flow_log.read_text()[-4000:]
+    log = flow_log.read_text()
+    origin, head = cluster.origin.proj, cluster.head
+    # each training ran in a worker's clone, both workers took part
+    by_name = flow_runs(cluster, parent_of_last_flow(cluster))
+    clones = {str(c) for c, _ in cluster.workers.values()}
+    used = set()
+    for key, (task, model) in model_keys(head).items():
+        (r,) = [r for r in by_name[model] if r.data.tags.get("task") == task]
+        assert r.data.tags["checkout"] in clones, (key, r.data.tags)
+        assert r.info.status == "FINISHED"
+        used.add(r.data.tags["checkout"])
+        assert f"train@{key} ran on" in log
+        # the head restored it from the run-cache the worker pushed: nothing retrained here
+        assert f"Stage 'train@{key}' is cached - skipping run" in log, log[-3000:]
+    assert used == clones, used
+    assert "Running stage 'train@" not in log
+    # the head's dvc.lock and metrics are those of the local run (origin, 3 at once)
+    lock = yaml.safe_load((head / "dvc.lock").read_text())["stages"]
+    expected = yaml.safe_load((origin / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(expected)
+    differ = [s for s in expected if lock[s] != expected[s]]
+    assert not differ, differ
+    for task in ("segmentation", "reconstruction"):
+        f = f"reports/{task}/metrics.json"
+        assert (head / f).read_bytes() == (origin / f).read_bytes(), f
+    # the workers reported to the team's Prefect server: none started a temporary one
+    for name, (_, wlog) in cluster.workers.items():
+        text = wlog.read_text()
+        assert "temporary server" not in text.lower(), (name, text[-2000:])
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with cluster.origin.team.prefect.client() as client:
+        (flow_run,) = client.read_flow_runs(limit=1, sort="START_TIME_DESC")
+        assert flow_run.state is not None and flow_run.state.is_completed()
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), limit=200
+        )
+    names = {t.name for t in tasks if t.state is not None and t.state.is_completed()}
+    assert {f"train+evaluate {k} on a worker" for k in model_keys(head)} <= names, names
+
+
+def test_a_worker_dying_mid_training_resumes_on_the_other_from_its_checkpoint(cluster: Cluster):
+    """Kill the worker (nanny, worker, its dvc and training) that trains the U-Net once two
+    epochs are checkpointed: Dask gives the branch to the other worker, which fetches the
+    dead one's last.pt from the MLflow run and continues that run to the end."""
+    head, env, epochs = cluster.head, cluster.env, 6
+    params = yaml.safe_load((head / "params.yaml").read_text())
+    params["train"]["segmentation-unet"]["optim"].update(epochs=epochs, patience=100)
+    (head / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    run([*git, "commit", "-qam", "a longer U-Net"], head, env)
+    proc, flow_log = cluster.flow("--models", "segmentation-unet")
+    procs = {"flow": (proc, flow_log)}
+
+    def victim() -> str | None:
+        for name, (clone, _) in cluster.workers.items():
+            last = clone / ".resume/segmentation/unet/last.pt"
+            try:
+                from mri_ensemble.train import load_checkpoint
+
+                if load_checkpoint(last)["epoch"] >= 2:
+                    return name
+            except Exception:
+                continue
+        return None
+
+    wait_until(lambda: victim() is not None, "two checkpointed epochs", 600, procs)
+    dead = victim()
+    assert dead is not None
+    worker, _ = cluster.procs.pop(dead)
+    os.killpg(worker.pid, signal.SIGKILL)  # the machine is gone: nanny, worker, children
+    worker.wait()
+    assert proc.wait(timeout=900) == 0, flow_log.read_text()[-4000:]
+    (alive,) = [n for n in cluster.workers if n != dead]
+    text = cluster.workers[alive][1].read_text()
+    assert "resuming from the last.pt that MLflow run" in text, text[-3000:]
+    by_name = flow_runs(cluster, parent_of_last_flow(cluster))
+    (r,) = [r for r in by_name["unet"] if r.data.tags.get("task") == "segmentation"]
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["checkout"] == str(cluster.workers[dead][0])  # the run it began
+    steps = {
+        m.step for m in cluster.origin.team.client().get_metric_history(r.info.run_id, "val_loss")
+    }
+    assert steps == set(range(1, epochs + 1)), steps
+    history = json.loads((head / "models/segmentation/unet/history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    cluster.start_worker(dead)  # for any later test
