@@ -1,12 +1,12 @@
 """Benchmark: the flow's CPU placement policies, side by side in one run.
 
     python bench/placement.py                        # after make run (uses its data/)
-    python bench/placement.py --epochs 1 --policies 0 2 1x2
+    python bench/placement.py --epochs 1 --policies 0 2 1 2x1
 
 A policy is ``P`` or ``PxT``: ``scale.parallel`` P (0: every training at once, what the flow
 did before it placed trainings, ten at once on this profile; N: at most N at once) and
-``scale.threads_per_training`` T (default 1; 0: the cores split between the slots), the
-slots as ``flows/placement.py`` plans them. For each policy, in a temporary git + DVC copy of this checkout (code, params,
+``scale.threads_per_training`` T (default 0: the cores split between the slots), the slots
+as ``flows/placement.py`` plans them. For each policy, in a temporary git + DVC copy of this checkout (code, params,
 dvc.lock and the prepared data; the default profile cut to ``--epochs``), every model is
 trained and evaluated with ``dvc repro -f -s``, on the flow's slots, exactly as the flow
 runs them. Printed: wall time per policy, its ratio to the first policy, and whether the
@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from flows.placement import Slot, plan_slots  # noqa: E402
 
+PATH = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # dvc beside python
+
 
 def copy_project(dest: Path, epochs: int) -> list[str]:
     """This checkout's code, dvc.lock and prepared data in ``dest``; returns the train keys."""
@@ -47,9 +49,11 @@ def copy_project(dest: Path, epochs: int) -> list[str]:
     for entry in params["train"].values():
         entry["optim"]["epochs"] = epochs
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": PATH}
+    # the MLflow store once, up front, as the flow does (ten stages creating it race)
+    store = "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); mlflow.set_experiment('bench')"
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], [sys.executable, "-c", store]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
     return list(params["train"])
 
 
@@ -58,7 +62,8 @@ def train_all(proj: Path, keys: list[str], slots: list[Slot]) -> float:
     free: Queue[Slot] = Queue()
     for s in slots:
         free.put(s)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg", "PATH": PATH,
+           "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "MLFLOW_EXPERIMENT_NAME": "bench"}  # fmt: skip
 
     def branch(key: str) -> None:
         slot = free.get()
@@ -87,9 +92,9 @@ def checkpoint_hashes(proj: Path, keys: list[str]) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--epochs", type=int, default=1, help="epochs per model (default 1)")
-    ap.add_argument("--policies", nargs="+", default=["0", "2", "1x2"],
-                    help="PxT: parallel P, threads_per_training T (default 1); the first is "
-                         "the reference (default: 0 2 1x2)")  # fmt: skip
+    ap.add_argument("--policies", nargs="+", default=["0", "2", "1"],
+                    help="PxT: parallel P, threads_per_training T (default 0: split); the "
+                         "first is the reference (default: 0 2 1)")  # fmt: skip
     args = ap.parse_args()
     if not (ROOT / "data" / "augmented").is_dir():
         sys.exit("error: data/augmented is missing: run `make run` (or dvc pull) first")
@@ -101,7 +106,7 @@ def main() -> None:
             proj = Path(tmp) / f"parallel-{policy}"
             keys = copy_project(proj, args.epochs)
             slots = plan_slots(len(keys), device="cpu", gpus=[], parallel=int(parallel),
-                               threads_per_training=int(threads_arg or 1), cpu_count=cores)  # fmt: skip
+                               threads_per_training=int(threads_arg or 0), cpu_count=cores)  # fmt: skip
             threads = slots[0].env["MRI_ENSEMBLE_THREADS"]
             print(f"parallel {policy}: {len(slots)} at once, {threads} thread(s) each ...",
                   flush=True)  # fmt: skip

@@ -251,7 +251,7 @@ def run_dag(
         gpus=visible_gpus(),
         trainings_per_device=int(scale.get("trainings_per_device", 1)),
         parallel=int(scale.get("parallel", 0) if parallel is None else parallel),
-        threads_per_training=int(scale.get("threads_per_training", 1)),
+        threads_per_training=int(scale.get("threads_per_training", 0)),
     )
     cluster = dask_cluster.resolve_cluster(cluster, params)
     remote = cluster is not None and cluster != "local"
@@ -320,7 +320,7 @@ def on_workers(
     dvc_push([s for t in tasks for s in (f"ingest@{t}", f"augment@{t}")])
     uri = dask_cluster.shared_tracking_uri(tracking_uri(params), ROOT)
     worker_env = {**env, "MLFLOW_TRACKING_URI": uri}
-    threads = int((params.get("scale") or {}).get("threads_per_training", 1))
+    threads = int((params.get("scale") or {}).get("threads_per_training", 0))
     if threads:  # the same torch thread count as here, the same bytes (a worker's own wins)
         worker_env["MRI_ENSEMBLE_THREADS"] = str(threads)
     needs = dask_cluster.resources(params)

@@ -6,12 +6,12 @@
   (``CUDA_VISIBLE_DEVICES=<id>``: it trains on ``cuda:0`` there), and the CPU cores are
   split between the slots for data loading and GRAPPA.
 - CPU only (no GPU, or ``device: cpu``): ``parallel`` slots (``scale.parallel``; 0: one per
-  training, all at once), each training with ``threads_per_training`` torch threads
-  (``scale.threads_per_training``, default 1; 0: the cores split between the slots).
-  A fixed count keeps the bytes a training writes independent of how many run at once:
-  torch's CPU kernels sum in a thread-dependent order (the tiny Attention U-Net's weights
-  differ by 5e-4 after two epochs on 1 thread against 2), so ``parallel`` 1 and 2 give the
-  same models only at the same thread count.
+  training, all at once), the cores split between them as torch threads (at least one
+  each), or ``threads_per_training`` each (``scale.threads_per_training``; 0, the default:
+  split). A fixed count keeps the bytes a training writes independent of how many run at
+  once: torch's CPU kernels sum in a thread-dependent order (the tiny Attention U-Net's
+  weights differ by 5e-4 after two epochs on 1 thread against 2), so ``parallel`` 1 and 2
+  give the same models only at the same thread count.
 
 A training takes a free slot, and the next waits until one is free; its evaluate runs on
 the same slot.
@@ -58,7 +58,7 @@ def plan_slots(
     gpus: list[str],
     trainings_per_device: int = 1,
     parallel: int = 0,
-    threads_per_training: int = 1,
+    threads_per_training: int = 0,
     cpu_count: int | None = None,
 ) -> list[Slot]:
     """The slots for ``n_trainings`` trainings (never more slots than trainings)."""

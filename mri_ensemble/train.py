@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -180,6 +181,22 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     return model.to(device).eval(), state
 
 
+def _interned_keys(obj: Any) -> Any:
+    """``obj`` with every dict's str keys interned (through dicts and lists).
+
+    Pickle writes a string object once and refers back to it after. In an unbroken run the
+    keys of history rows, optimizer, scheduler and scaler state are the interned literals
+    of the code; after a resume they come from unpickling, separate objects, which would
+    change the bytes of every later checkpoint (not its contents). Interned, the bytes are
+    an unbroken run's; for a fresh run this changes nothing.
+    """
+    if isinstance(obj, dict):
+        return {(sys.intern(k) if type(k) is str else k): _interned_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_interned_keys(v) for v in obj]
+    return obj
+
+
 def _make_scheduler(
     opt: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -283,7 +300,11 @@ def fit(
                 sched.load_state_dict(old["scheduler"])
             scaler.load_state_dict(old["scaler"])
             torch.set_rng_state(old["rng"]["torch"])
-            state.update({k: old[k] for k in state if k in old})
+            # progress only: spec, config and meta are this run's own (the fingerprint says
+            # they are equal), so the checkpoint pickles as an unbroken run's would
+            kept = ("epoch", "history", "best_epoch", "best_val_loss", "bad_epochs",
+                        "stopped_early")  # fmt: skip
+            state.update({k: old[k] for k in kept if k in old})
             log.info("resuming %s from epoch %d", last_path, old["epoch"])
         else:
             log.info("%s belongs to other params or data; starting afresh", last_path)
@@ -365,10 +386,11 @@ def fit(
             on_epoch(row)
         ckpt = dict(
             state,
+            history=_interned_keys(state["history"]),
             state_dict=model.state_dict(),
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict() if sched is not None else None,
-            scaler=scaler.state_dict(),
+            optimizer=_interned_keys(opt.state_dict()),
+            scheduler=_interned_keys(sched.state_dict()) if sched is not None else None,
+            scaler=_interned_keys(scaler.state_dict()),
             rng={"torch": torch.get_rng_state()},
         )
         if improved:

@@ -27,6 +27,7 @@ from test_stages import ROOT, ingest_params, one_line_error, run_stage
 from torch.utils.data import DistributedSampler
 
 from mri_ensemble.data.phantom import write_acdc_phantom
+from mri_ensemble.errors import ConfigError
 from mri_ensemble.losses import build_loss
 from mri_ensemble.train import ModelSpec, TrainConfig, load_checkpoint, seed_everything
 
@@ -182,12 +183,17 @@ def test_the_stage_launches_torchrun_and_a_killed_ddp_run_resumes(tmp_path):
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize(
-    "optim, needle",
-    [({"ddp": 0}, "optim.ddp"), ({"ddp": "two"}, "optim.ddp"), ({"ddp": 3}, "does not split")],
-)
-def test_bad_ddp_params_are_one_line(tmp_path, optim, needle):
+@pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
+def test_bad_ddp_values_are_refused_naming_the_key(value):
+    from stages.train import ddp_processes
+
+    with pytest.raises(ConfigError, match=r"train\.segmentation-unet\.optim\.ddp"):
+        ddp_processes("segmentation-unet", {"ddp": value})
+    assert ddp_processes("segmentation-unet", {}) == 1
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(tmp_path):
     p, args = stage_project(tmp_path, epochs=1, ingest=False)  # refused before any data
-    p["train"]["segmentation-unet"]["optim"].update(optim)
-    one_line_error(run_stage(tmp_path, p, "stages.train", *args), needle)
+    p["train"]["segmentation-unet"]["optim"].update(ddp=3)  # batch_size 4
+    one_line_error(run_stage(tmp_path, p, "stages.train", *args), "does not split")
     assert not (tmp_path / "m").exists()

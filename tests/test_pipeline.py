@@ -318,12 +318,16 @@ def lock_outs(lock: dict, stage: str) -> dict[str, str]:
 
 def test_forced_reruns_one_and_two_at_a_time_rewrite_identical_bytes(project: Path, tmp_path):
     """HDF5, checkpoints, predictions and JSON reproduce byte for byte, whatever the
-    placement: the first run trained all seven models at once; a forced augment, then the
-    flow retraining two models with ``--parallel 1`` and again with ``--parallel 2`` (one
-    torch thread each, the default ``scale.threads_per_training``), leave dvc.lock, the
-    metrics and the histories as they were (so evaluate, ensemble and cost did not rerun)."""
+    placement: the first run trained all seven models at once (one torch thread each on
+    two cores); a forced augment, then the flow retraining two models with ``--parallel 1``
+    and again with ``--parallel 2``, one thread each (``scale.threads_per_training: 1``;
+    not a stage param, nothing goes stale), leave dvc.lock, the metrics and the histories
+    as they were (so evaluate, ensemble and cost did not rerun)."""
     copy = tmp_path / "proj"
     shutil.copytree(project, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["scale"]["threads_per_training"] = 1
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     kept = ("dvc.lock", "reports/segmentation/metrics.json", "reports/segmentation/cost.json",
             "reports/segmentation/history/unet.csv")  # fmt: skip
     before = {f: (copy / f).read_bytes() for f in kept}

@@ -34,18 +34,18 @@ def test_trainings_per_device_fills_every_gpu_before_doubling_up():
     assert {s.env["MRI_ENSEMBLE_THREADS"] for s in slots} == {"4"}
 
 
-def test_cpu_slots_run_a_fixed_thread_count_or_split_the_cores():
+def test_cpu_slots_split_the_cores_or_run_a_fixed_thread_count():
     assert envs(plan_slots(10, gpus=[], cpu_count=2)) == [{"MRI_ENSEMBLE_THREADS": "1"}] * 10
-    # the default thread count does not follow the slots: same bytes at any `parallel`
-    for parallel in (1, 2):
-        assert (
-            envs(plan_slots(10, gpus=[], parallel=parallel, cpu_count=16))
-            == [{"MRI_ENSEMBLE_THREADS": "1"}] * parallel
-        )
     assert (
-        envs(plan_slots(10, gpus=[], parallel=2, threads_per_training=0, cpu_count=16))
+        envs(plan_slots(10, gpus=[], parallel=2, cpu_count=16))
         == [{"MRI_ENSEMBLE_THREADS": "8"}] * 2
     )
+    # a fixed thread count does not follow the slots: same bytes at any `parallel`
+    for parallel in (1, 2):
+        assert (
+            envs(plan_slots(10, gpus=[], parallel=parallel, threads_per_training=1, cpu_count=16))
+            == [{"MRI_ENSEMBLE_THREADS": "1"}] * parallel
+        )
     assert (
         envs(plan_slots(3, gpus=[], threads_per_training=4, cpu_count=16))
         == [{"MRI_ENSEMBLE_THREADS": "4"}] * 3
@@ -53,7 +53,7 @@ def test_cpu_slots_run_a_fixed_thread_count_or_split_the_cores():
     assert len(plan_slots(2, gpus=[], parallel=4, cpu_count=16)) == 2  # never idle slots
     # device: cpu ignores the GPUs
     assert (
-        envs(plan_slots(2, device="cpu", gpus=["0"], threads_per_training=0, cpu_count=4))
+        envs(plan_slots(2, device="cpu", gpus=["0"], cpu_count=4))
         == [{"MRI_ENSEMBLE_THREADS": "2"}] * 2
     )
     assert plan_slots(0, gpus=["0"]) == []
@@ -173,13 +173,13 @@ def test_the_flow_gives_each_training_its_own_gpu(fake_project, monkeypatch):
 def test_the_flow_on_cpu_runs_parallel_trainings_with_their_thread_count(fake_project, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
     cores = os.cpu_count() or 1
-    records = fake_project({"parallel": 2})
+    records = fake_project({"parallel": 2})  # the cores split
     trains = [r for r in records if r["stage"].startswith("train@")]
-    assert len(trains) == 4 and {r["threads"] for r in trains} == {"1"}
+    assert len(trains) == 4 and {r["threads"] for r in trains} == {str(max(1, cores // 2))}
     assert most_at_once(records) == 2
-    records = fake_project({"parallel": 2, "threads_per_training": 0})  # the cores split
+    records = fake_project({"parallel": 2, "threads_per_training": 1})
     trains = [r for r in records if r["stage"].startswith("train@")]
-    assert {r["threads"] for r in trains} == {str(max(1, cores // 2))}
+    assert {r["threads"] for r in trains} == {"1"}
     records = fake_project({"parallel": 2}, parallel=1)  # the flow's parameter wins
     assert most_at_once(records) == 1
 

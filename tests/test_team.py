@@ -162,6 +162,12 @@ def team_params() -> dict:
     p = deploy_params()  # two segmentation models and VarNet, tiny
     for entry in p["train"].values():
         entry["optim"]["epochs"] = EPOCHS
+    # one torch thread per training everywhere: the Dask workers (one training each) then
+    # write the bytes of the local three-at-once run
+    p["scale"]["threads_per_training"] = 1
+    # a U-Net whose epoch lasts a few seconds, so that the cluster test catches the first
+    # checkpoint before the second (the tiny one's epoch takes a fraction of a second)
+    p["train"]["segmentation-unet"]["net"]["features"] = [16, 32, 64]
     return p
 
 
@@ -343,6 +349,7 @@ def _training(proj: Path, name: str, epochs: int) -> tuple[list[str], str]:
     params = yaml.safe_load((proj / "params.yaml").read_text())
     entry = json.loads(json.dumps(params["train"]["segmentation-unet"]))
     entry["model"] = name
+    entry["net"]["features"] = [4, 8, 16]  # the tiny one (the team's U-Net is larger)
     entry["optim"].update(epochs=epochs, patience=100)
     params["train"][f"segmentation-{name}"] = entry
     original = (proj / "params.yaml").read_text()
@@ -491,24 +498,67 @@ def parent_of_last_flow(cluster: Cluster) -> str:
     return last.info.run_id
 
 
-def test_the_flow_trains_on_dask_workers_and_the_head_gets_the_same_results(cluster: Cluster):
+def victim(cluster: Cluster) -> str | None:
+    """The worker whose clone holds the first (of two) checkpointed epochs of the U-Net."""
+    from mri_ensemble.train import load_checkpoint
+
+    for name, (clone, _) in cluster.workers.items():
+        try:
+            if load_checkpoint(clone / ".resume/segmentation/unet/last.pt")["epoch"] == 1:
+                return name
+        except Exception:  # not there (yet), or being written
+            continue
+    return None
+
+
+def test_the_flow_on_dask_workers_survives_a_dead_worker_and_equals_the_local_run(
+    cluster: Cluster,
+):
+    """The tiny flow on two workers; the one training the U-Net is killed (nanny, worker,
+    its dvc and training: the machine is gone) once the first epoch is checkpointed. Dask
+    gives the branch to the other worker, which fetches the dead one's last.pt from the
+    MLflow run and continues that run; the head restores every branch from the run-cache.
+    The head's dvc.lock and metrics are still those of the local three-at-once run."""
     proc, flow_log = cluster.flow()
+    killed: list[str] = []
+
+    def kill_the_victim() -> bool:  # at once: the second epoch takes a few seconds
+        name = victim(cluster)
+        if name is not None:
+            worker, _ = cluster.procs.pop(name)
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+            killed.append(name)
+        return bool(killed)
+
+    deadline = time.monotonic() + 600
+    while not kill_the_victim():  # polled often: the kill must land within the 2nd epoch
+        assert proc.poll() is None, "the flow ended first:\n" + flow_log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpointed epoch in 600 s"
+        time.sleep(0.05)
+    (dead,) = killed
     assert proc.wait(timeout=900) == 0, flow_log.read_text()[-4000:]
     log = flow_log.read_text()
     origin, head = cluster.origin.proj, cluster.head
-    # each training ran in a worker's clone, both workers took part
+    (alive,) = [n for n in cluster.workers if n != dead]
+    text = cluster.workers[alive][1].read_text()
+    assert "resuming from the last.pt that MLflow run" in text, text[-3000:]
+    assert "resuming .resume/segmentation/unet/last.pt from epoch 1" in text, text[-3000:]
+    # each training ran in a worker's clone; the U-Net's one run began on the dead worker
+    client = cluster.origin.team.client()
     by_name = flow_runs(cluster, parent_of_last_flow(cluster))
     clones = {str(c) for c, _ in cluster.workers.values()}
-    used = set()
     for key, (task, model) in model_keys(head).items():
         (r,) = [r for r in by_name[model] if r.data.tags.get("task") == task]
         assert r.data.tags["checkout"] in clones, (key, r.data.tags)
         assert r.info.status == "FINISHED"
-        used.add(r.data.tags["checkout"])
+        steps = {m.step for m in client.get_metric_history(r.info.run_id, "val_loss")}
+        assert steps == set(range(1, EPOCHS + 1)), (key, steps)
         assert f"train@{key} ran on" in log
         # the head restored it from the run-cache the worker pushed: nothing retrained here
         assert f"Stage 'train@{key}' is cached - skipping run" in log, log[-3000:]
-    assert used == clones, used
+    (unet,) = [r for r in by_name["unet"] if r.data.tags.get("task") == "segmentation"]
+    assert unet.data.tags["checkout"] == str(cluster.workers[dead][0])
     assert "Running stage 'train@" not in log
     # the head's dvc.lock and metrics are those of the local run (origin, 3 at once)
     lock = yaml.safe_load((head / "dvc.lock").read_text())["stages"]
@@ -525,59 +575,12 @@ def test_the_flow_trains_on_dask_workers_and_the_head_gets_the_same_results(clus
         assert "temporary server" not in text.lower(), (name, text[-2000:])
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with cluster.origin.team.prefect.client() as client:
-        (flow_run,) = client.read_flow_runs(limit=1, sort="START_TIME_DESC")
+    with cluster.origin.team.prefect.client() as pc:
+        (flow_run,) = pc.read_flow_runs(limit=1, sort="START_TIME_DESC")
         assert flow_run.state is not None and flow_run.state.is_completed()
-        tasks = client.read_task_runs(
+        tasks = pc.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), limit=200
         )
     names = {t.name for t in tasks if t.state is not None and t.state.is_completed()}
     assert {f"train+evaluate {k} on a worker" for k in model_keys(head)} <= names, names
-
-
-def test_a_worker_dying_mid_training_resumes_on_the_other_from_its_checkpoint(cluster: Cluster):
-    """Kill the worker (nanny, worker, its dvc and training) that trains the U-Net once two
-    epochs are checkpointed: Dask gives the branch to the other worker, which fetches the
-    dead one's last.pt from the MLflow run and continues that run to the end."""
-    head, env, epochs = cluster.head, cluster.env, 6
-    params = yaml.safe_load((head / "params.yaml").read_text())
-    params["train"]["segmentation-unet"]["optim"].update(epochs=epochs, patience=100)
-    (head / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
-    run([*git, "commit", "-qam", "a longer U-Net"], head, env)
-    proc, flow_log = cluster.flow("--models", "segmentation-unet")
-    procs = {"flow": (proc, flow_log)}
-
-    def victim() -> str | None:
-        for name, (clone, _) in cluster.workers.items():
-            last = clone / ".resume/segmentation/unet/last.pt"
-            try:
-                from mri_ensemble.train import load_checkpoint
-
-                if load_checkpoint(last)["epoch"] >= 2:
-                    return name
-            except Exception:
-                continue
-        return None
-
-    wait_until(lambda: victim() is not None, "two checkpointed epochs", 600, procs)
-    dead = victim()
-    assert dead is not None
-    worker, _ = cluster.procs.pop(dead)
-    os.killpg(worker.pid, signal.SIGKILL)  # the machine is gone: nanny, worker, children
-    worker.wait()
-    assert proc.wait(timeout=900) == 0, flow_log.read_text()[-4000:]
-    (alive,) = [n for n in cluster.workers if n != dead]
-    text = cluster.workers[alive][1].read_text()
-    assert "resuming from the last.pt that MLflow run" in text, text[-3000:]
-    by_name = flow_runs(cluster, parent_of_last_flow(cluster))
-    (r,) = [r for r in by_name["unet"] if r.data.tags.get("task") == "segmentation"]
-    assert r.info.status == "FINISHED"
-    assert r.data.tags["checkout"] == str(cluster.workers[dead][0])  # the run it began
-    steps = {
-        m.step for m in cluster.origin.team.client().get_metric_history(r.info.run_id, "val_loss")
-    }
-    assert steps == set(range(1, epochs + 1)), steps
-    history = json.loads((head / "models/segmentation/unet/history.json").read_text())
-    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
     cluster.start_worker(dead)  # for any later test

@@ -52,7 +52,7 @@ def test_checkpoint_rebuilds_model_alone_and_loss_falls(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "no temporary files left behind"
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
+def test_killed_run_resumes_to_identical_weights_and_bytes(tmp_path):
     full, cfg = run(tmp_path / "full", epochs=4)
     ds, loss_fn = toy_data(), build_loss("dice_focal")
     meta = {"task": "segmentation", "model": "toy"}
@@ -75,6 +75,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert resumed["history"] == full["history"]
+    # byte for byte (the DVC out's hash): the resumed rows' keys pickle as the fresh ones
+    for name in ("last.pt", "best.pt"):
+        assert (killed / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
 
 def test_changed_params_start_afresh(tmp_path):
