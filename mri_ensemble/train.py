@@ -233,7 +233,7 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
     batch_transform: BatchTransform | None = None,
-    on_checkpoint: Callable[[Path], None] | None = None,
+    on_checkpoint: Callable[[list[Path]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` on ``train_set``; checkpoints go to ``work_dir``.
 
@@ -247,8 +247,9 @@ def fit(
     ``meta`` (task, model name, resolved params, data identity, ...) is stored in every
     checkpoint; its fingerprint decides whether an existing ``work_dir/last.pt`` is
     resumed (same run, killed) or discarded (anything changed).
-    ``on_checkpoint(last_path)`` runs after each epoch's ``last.pt`` is written (e.g. to
-    share it, so that another machine can resume).
+    ``on_checkpoint(paths)`` runs after each epoch's checkpoints are written, with those
+    written (``best.pt`` when it improved, and ``last.pt``), e.g. to share them so that
+    another machine can resume.
     Returns the final ``last.pt`` state without weights: history, best epoch, etc.
     """
     device = resolve_device(cfg.device)
@@ -397,7 +398,7 @@ def fit(
             save_checkpoint(best_path, ckpt)
         save_checkpoint(last_path, ckpt)
         if on_checkpoint is not None:
-            on_checkpoint(last_path)
+            on_checkpoint([best_path, last_path] if improved else [last_path])
         log.info(
             "epoch %d/%d %s",
             epoch,

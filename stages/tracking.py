@@ -290,7 +290,8 @@ def mlflow_run(
 def shared_checkpoint(params: Mapping[str, Any], fingerprint: str, dst: Path) -> str | None:
     """Resume a training another machine began: the newest unfinished run tagged with this
     training ``fingerprint`` whose ``resume/last.pt`` was shared (``SHARE_ENV``) is fetched
-    to ``dst/last.pt``; returns that run's id, or None (nothing shared, or no tracking)."""
+    to ``dst/`` with its ``best.pt``; returns that run's id, or None (nothing shared, or no
+    tracking)."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -310,11 +311,15 @@ def shared_checkpoint(params: Mapping[str, Any], fingerprint: str, dst: Path) ->
         for r in runs:
             with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as t:
                 try:
-                    got = Path(client.download_artifacts(r.info.run_id, "resume/last.pt", t))
+                    got = Path(client.download_artifacts(r.info.run_id, "resume", t))
                 except Exception:  # that run shared nothing (killed before its first epoch)
                     continue
+                if not (got / "last.pt").is_file():
+                    continue
                 dst.mkdir(parents=True, exist_ok=True)
-                got.replace(dst / "last.pt")
+                for name in ("best.pt", "last.pt"):  # best.pt: the best epoch so far
+                    if (got / name).is_file():
+                        (got / name).replace(dst / name)
             return str(r.info.run_id)
     except Exception as exc:  # no tracking: a fresh start, not a failure
         log.warning("no shared checkpoint from %s (%s): starting afresh", uri, _one_line(exc))

@@ -8,8 +8,8 @@ the DVC out ``models/<task>/<model>/`` in one rename.
 ``torchrun --standalone --nproc_per_node=N`` on its own command line (one process per GPU,
 or N CPU processes sharing the cores); rank 0 alone writes the outs and logs to MLflow.
 On a cluster worker (``MRI_ENSEMBLE_SHARE_CHECKPOINTS=1``, set by the flow) every epoch's
-``last.pt`` also goes to the run's ``resume/`` artifacts, and a training that finds no local
-``last.pt`` resumes from the one an unfinished run of the same training shared.
+checkpoints also go to the run's ``resume/`` artifacts, and a training that finds no local
+``last.pt`` resumes from those an unfinished run of the same training shared.
 """
 
 from __future__ import annotations
@@ -244,8 +244,9 @@ def main() -> None:
         def on_epoch(row: dict[str, float]) -> None:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        def on_checkpoint(last: Path) -> None:
-            run.log_artifact(last, artifact_path="resume")
+        def on_checkpoint(paths: list[Path]) -> None:
+            for path in paths:
+                run.log_artifact(path, artifact_path="resume")
 
         state = fit(
             spec,
