@@ -28,7 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mri_ensemble.cost import batch_inputs, latencies, peak_memory_mb  # noqa: E402
+from mri_ensemble.cost import latencies, peak_memory_mb  # noqa: E402
+from mri_ensemble.tasks import TASKS  # noqa: E402
 from mri_ensemble.train import resolve_device  # noqa: E402
 from stages.common import weights_array  # noqa: E402
 
@@ -39,7 +40,7 @@ def bench(task: str, repeats: int, device: torch.device) -> None:
     sizes = details["sizes"]
     names = sizes[-1]["members"]
     checkpoints = {m: ROOT / "models" / task / m / "best.pt" for m in names}
-    inputs = batch_inputs(task, ROOT / "data" / "prepared" / task / "test.h5", cost["batch"])
+    inputs = TASKS[task].batch_inputs(ROOT / "data" / "prepared" / task / "test.h5", cost["batch"])
     plan = [(s["members"], weights_array(s["weights"], s["members"])) for s in sizes]
     timed = latencies(task, checkpoints, plan, inputs, device, repeats)
     print(

@@ -37,7 +37,7 @@ from mri_ensemble.data.prepared import read_segmentation_h5  # noqa: E402
 from mri_ensemble.data.prepared_recon import read_reconstruction_h5  # noqa: E402
 from mri_ensemble.metrics import segmentation_scores  # noqa: E402
 from mri_ensemble.mri.quality import reconstruction_scores  # noqa: E402
-from mri_ensemble.reconstruction import zero_filled  # noqa: E402
+from mri_ensemble.tasks.reconstruction import zero_filled  # noqa: E402
 
 
 def _members(task: str) -> list[Path]:
@@ -48,7 +48,7 @@ def _members(task: str) -> list[Path]:
     return found
 
 
-def segmentation(n_models: int) -> tuple[ensemble._Objective, str]:
+def segmentation(n_models: int) -> tuple[ensemble.Objective, str]:
     val = read_segmentation_h5(ROOT / "data/prepared/segmentation/val.h5")
     probs = [read_probabilities(p)[0] for p in _members("segmentation")]
     i = 0
@@ -61,7 +61,7 @@ def segmentation(n_models: int) -> tuple[ensemble._Objective, str]:
     return ensemble.SegmentationObjective(stack, val.label, val.case), "IoU"
 
 
-def reconstruction(n_models: int) -> tuple[ensemble._Objective, str]:
+def reconstruction(n_models: int) -> tuple[ensemble.Objective, str]:
     val = read_reconstruction_h5(ROOT / "data/prepared/reconstruction/val.h5")
     recons = [read_reconstructions(p)[0] for p in _members("reconstruction")]
     extra = [val.grappa.astype(np.float32), zero_filled(val)]
@@ -76,7 +76,7 @@ def reconstruction(n_models: int) -> tuple[ensemble._Objective, str]:
     return ensemble.ImageObjective(stack, val.target, val.case), "SSIM"
 
 
-def naive_score(obj: ensemble._Objective, w: np.ndarray) -> float:
+def naive_score(obj: ensemble.Objective, w: np.ndarray) -> float:
     if isinstance(obj, ensemble.SegmentationObjective):
         pred = ensemble.combine(obj.outputs, w).argmax(axis=1).astype(np.uint8)
         return float(segmentation_scores(pred, obj.target, obj.case)["iou"])

@@ -30,10 +30,13 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import predict as pr  # noqa: E402
+from . import inputs, project  # noqa: E402
 from .errors import ConfigError, PipelineError  # noqa: E402
 from .figures import _LABEL_COLOURS  # noqa: E402  (same colours as the report's overlays)
+from .inference import Predictor, load_predictor  # noqa: E402
 from .mri.quality import reconstruction_scores  # noqa: E402
+from .tasks import TASKS  # noqa: E402
+from .tasks.reconstruction import ReconstructionResult  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -128,40 +131,41 @@ class _Predictors:
 
     def __init__(self, root: Path, device: str) -> None:
         self.root, self.device = root, device
-        self._cache: dict[tuple[str, str], tuple[Any, pr.Predictor]] = {}
+        self._cache: dict[tuple[str, str], tuple[Any, Predictor]] = {}
         self._lock = threading.Lock()
 
     def _stamp(self, task: str) -> tuple:
-        paths = [pr.ensemble_path(self.root, task)] + [
-            pr.checkpoint_path(self.root, task, m) for m in pr.trained_models(self.root, task)
+        paths = [project.ensemble_path(self.root, task)] + [
+            project.checkpoint_path(self.root, task, m)
+            for m in project.trained_models(self.root, task)
         ]
         return tuple((str(p), p.stat().st_mtime_ns) for p in paths if p.is_file())
 
-    def get(self, task: str, choice: str | None) -> pr.Predictor:
-        key = (task, choice or pr.ENSEMBLE)
+    def get(self, task: str, choice: str | None) -> Predictor:
+        key = (task, choice or project.ENSEMBLE)
         with self._lock:
             stamp = self._stamp(task)
             hit = self._cache.get(key)
             if hit is None or hit[0] != stamp:
                 self._cache[key] = (
                     stamp,
-                    pr.load_predictor(self.root, task, choice or None, self.device),
+                    load_predictor(self.root, task, choice or None, self.device),
                 )
             return self._cache[key][1]
 
 
 def _status(root: Path, task: str) -> tuple[list[str], str]:
     """(dropdown choices, status line) for ``task``."""
-    choices = pr.model_choices(root, task)
+    choices = project.model_choices(root, task)
     if not choices:
-        return [], f"**No trained {task} models yet.** Train them with {pr.TRAIN_COMMAND}."
-    if choices[0] != pr.ENSEMBLE:
-        note = f" No ensemble weights yet ({pr.TRAIN_COMMAND} searches them)."
+        return [], f"**No trained {task} models yet.** Train them with {project.TRAIN_COMMAND}."
+    if choices[0] != project.ENSEMBLE:
+        note = f" No ensemble weights yet ({project.TRAIN_COMMAND} searches them)."
     else:
         note = ""
     return (
         choices,
-        f"Trained {task} models: {', '.join(c for c in choices if c != pr.ENSEMBLE)}.{note}",
+        f"Trained {task} models: {', '.join(c for c in choices if c != project.ENSEMBLE)}.{note}",
     )
 
 
@@ -171,7 +175,7 @@ def _output_dir(base: Path) -> Path:
 
 def _stem(path: Path) -> str:
     """``scan`` of ``scan.nii.gz`` (the download is named after the upload)."""
-    suffix = pr.file_suffix(path)
+    suffix = inputs.file_suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
 
 
@@ -195,12 +199,12 @@ def _segment(
             return ("Upload a NIfTI volume or a PNG/JPEG slice first.", *hidden)
         try:
             path = Path(upload)
-            pr.input_kind(path, "segmentation")
+            inputs.input_kind(path, "segmentation")
             predictor = predictors.get("segmentation", choice)
-            result = pr.segment_file(predictor, path)
+            result = TASKS["segmentation"].predict_file(predictor, path, None, False)
             suffix = ".nii.gz" if result.scan is not None else ".png"
             out = _output_dir(out_base) / f"{_stem(path)}_labels{suffix}"
-            pr.save_segmentation(result, out)
+            TASKS["segmentation"].save_result(result, out)
         except Exception as exc:  # shown in the page; unexpected ones logged in full
             if not isinstance(exc, PipelineError):
                 log.exception("segmentation of %s failed", upload)
@@ -248,7 +252,7 @@ def _recon_view(state: dict[str, Any], index: int) -> tuple[Any, Any, Any, Any]:
     return zero, recon, target, error
 
 
-def _scores_table(result: pr.ReconstructionResult) -> str:
+def _scores_table(result: ReconstructionResult) -> str:
     assert result.target is not None
     case = np.zeros(len(result.target), dtype=int)
     rows = ["| image | SSIM | PSNR (dB) | NMSE |", "|---|---:|---:|---:|"]
@@ -278,11 +282,11 @@ def _reconstruct(
             return ("Upload a fastMRI HDF5 file first.", *hidden)
         try:
             path = Path(upload)
-            pr.input_kind(path, "reconstruction")
+            inputs.input_kind(path, "reconstruction")
             predictor = predictors.get("reconstruction", choice)
-            result = pr.reconstruct_file(predictor, path)
+            result = TASKS["reconstruction"].predict_file(predictor, path, None, False)
             out = _output_dir(out_base) / f"{_stem(path)}_reconstruction.h5"
-            pr.save_reconstruction(result, out)
+            TASKS["reconstruction"].save_result(result, out)
             table = _scores_table(result) if result.target is not None else ""
         except Exception as exc:  # shown in the page; unexpected ones logged in full
             if not isinstance(exc, PipelineError):
@@ -409,7 +413,7 @@ def build_app(root: Path | str = ".", device: str = "auto") -> gr.Blocks:
 
         def refresh() -> tuple[Any, ...]:
             out: list[Any] = []
-            for task in pr.TASKS:
+            for task in TASKS:
                 try:
                     choices, status = _status(root, task)
                 except PipelineError as exc:

@@ -3,11 +3,22 @@
     mri-ensemble predict --task segmentation --input scan.nii.gz --output labels.nii.gz
     mri-ensemble predict --task segmentation --input slice.png --output labels.png --model unet
     mri-ensemble predict --task reconstruction --input file.h5 --output recon.h5 [--ensemble]
+    mri-ensemble predict --task segmentation --input scans/ --output labels/
+    mri-ensemble predict --model-uri models:/mri-ensemble-segmentation@champion -i scans/ -o labels/
     mri-ensemble ui [--port 7860]
 
 ``--root`` is the project folder (params.yaml, models/, reports/; default: the current
-folder). Without ``--model`` the ensemble runs. Errors a user can cause print one line
-``error: ...`` on stderr and exit with status 2.
+folder); ``--model-uri`` takes the ensemble from the MLflow model registry instead (the
+tracking server of ``MLFLOW_TRACKING_URI``). Without ``--model`` the ensemble runs.
+
+One input file and an output file name: one result, as before. A folder (or several files):
+``--output`` is a folder, every input gets one output there under its own name, the members
+load once and one progress bar runs over the files; a bad file is named, gets nothing
+written, and the batch goes on (exit status 2 at the end if any failed).
+
+Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2.
+This module is an entry point: it imports MLflow (for ``--model-uri`` only), which the
+library modules never do.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ log = logging.getLogger("mri_ensemble.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
     ap = argparse.ArgumentParser(
         prog="mri-ensemble",
         description="Run the trained MRI models (one, or the ensemble) on your own files.",
@@ -32,25 +45,44 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "predict",
-        help="segment a NIfTI volume / PNG or JPEG slice, or reconstruct a fastMRI HDF5 file",
-        description="Segmentation: NIfTI in (2-D, 3-D, or 4-D: its first frame) -> NIfTI labels with the input's affine and shape "
-        "(PNG/JPEG in -> PNG labels). Reconstruction: fastMRI HDF5 in -> HDF5 with dataset "
-        "'reconstruction' (fastMRI submission layout). The input is checked before any model "
-        "loads: plausible voxel sizes and image size, not a label map, k-space with signal "
-        "and enough coils; implausible input is refused with one line naming the file.",
+        help="segment NIfTI volumes / PNG or JPEG slices, or reconstruct fastMRI HDF5 files",
+        description="Segmentation: NIfTI in (2-D, 3-D, or 4-D: its first frame) -> NIfTI "
+        "labels with the input's affine and shape (PNG/JPEG in -> PNG labels). "
+        "Reconstruction: fastMRI HDF5 in -> HDF5 with dataset 'reconstruction' (fastMRI "
+        "submission layout). Each input is checked before it is predicted: plausible voxel "
+        "sizes and image size, not a label map, k-space with signal and enough coils; "
+        "implausible input is refused with one line naming the file. A folder (or several "
+        "files) is predicted into an output folder, one output per input, the members "
+        "loaded once; a bad file is named and skipped, and the exit status is 2 at the end.",
     )
-    p.add_argument("--task", required=True, choices=["segmentation", "reconstruction"])
-    p.add_argument("--input", required=True, type=Path, help="the file to predict on")
     p.add_argument(
+        "--task", choices=list(TASKS), help="required, except with --model-uri (the bundle says)"
+    )
+    p.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="the file to predict on, or several files, or a folder of them",
+    )
+    p.add_argument(
+        "-o",
         "--output",
         required=True,
         type=Path,
-        help="where to write the result; missing parent folders are created; never the "
-        "input itself; a run holds a lock on it, so a second run on the same output fails",
+        help="where to write the result (a folder for a folder or several inputs); missing "
+        "parent folders are created; never the input itself; a run holds a lock on each "
+        "output, so a second run on the same output fails",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="one trained model (default: the ensemble)")
     which.add_argument("--ensemble", action="store_true", help="the weighted ensemble (default)")
+    which.add_argument(
+        "--model-uri",
+        help="the ensemble from the MLflow model registry, e.g. "
+        "models:/mri-ensemble-segmentation@champion (MLFLOW_TRACKING_URI's server)",
+    )
     p.add_argument("--root", type=Path, default=Path("."), help="project folder (default: .)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch")
@@ -70,49 +102,102 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def predict(args: argparse.Namespace) -> str:
-    """Run ``predict``; returns the line to print."""
+def registry_project(uri: str, dest: Path) -> tuple[Path, str]:
+    """Download a registered ensemble (``models:/<name>@<alias>`` or ``/<version>``) into
+    ``dest``; (its project folder, its task). ConfigError naming the URI when it fails."""
+    import json
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except (MlflowException, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"--model-uri {uri}: could not fetch it from the registry ({first})"
+        ) from exc
+    root = local / "artifacts" / "project"
+    try:
+        task = str(json.loads((root / "task.json").read_text())["task"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"--model-uri {uri}: not an mri-ensemble bundle (no artifacts/project/task.json)"
+        ) from exc
+    return root, task
+
+
+def predict(args: argparse.Namespace) -> tuple[str, int]:
+    """Run ``predict``; returns (the lines to print, exit status)."""
+    import tempfile
+
     from . import predict as pr
 
-    kind = pr.input_kind(args.input, args.task)
-    suffix = pr.file_suffix(args.output)
-    if suffix not in pr.output_suffixes(kind):
-        raise ConfigError(
-            f"--output {args.output}: expected a name ending in "
-            f"{' or '.join(pr.output_suffixes(kind))} for a {kind} input"
-        )
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive integer, found {args.batch_size}")
+    with tempfile.TemporaryDirectory(prefix="mri-ensemble-registry-") as tmp:
+        root, model = args.root, args.model
+        if args.model_uri:
+            root, task = registry_project(args.model_uri, Path(tmp))
+            if args.task and args.task != task:
+                raise ConfigError(
+                    f"--task {args.task}: the registered model {args.model_uri} is a {task} one"
+                )
+            args.task, model = task, None
+        if not args.task:
+            raise ConfigError(
+                "--task: required (segmentation or reconstruction) without --model-uri"
+            )
+        inputs = pr.find_inputs(args.input, args.task)
+        single = len(args.input) == 1 and not args.input[0].is_dir()
+        if single and pr.file_suffix(args.output) in pr.ALL_SUFFIXES:
+            return _predict_file(args, pr, root, model, inputs[0]), 0
+        return _predict_folder(args, pr, root, model, inputs)
+
+
+def _predict_file(
+    args: argparse.Namespace, pr: Any, root: Path, model: str | None, inp: Path
+) -> str:
+    from .inference import load_predictor
+    from .tasks import get_task
+
+    kind = pr.input_kind(inp, args.task)
+    pr.check_output_name(args.task, inp, args.output, kind)
     if args.pixel_mm is not None and kind != "image":
         raise ConfigError("--pixel-mm applies to PNG/JPEG inputs only (NIfTI has voxel sizes)")
-    pr.check_output(args.input, args.output)
-    pr.check_input(args.root, args.task, args.input, args.pixel_mm)  # before any model loads
+    pr.check_input(root, args.task, inp, args.pixel_mm)  # before any model loads
+    task = get_task(args.task)
     with pr.output_lock(args.output):
-        return _run(args, pr)
-
-
-def _run(args: argparse.Namespace, pr: Any) -> str:
-    predictor = pr.load_predictor(args.root, args.task, args.model, args.device)
-    progress = not args.no_progress
-    if args.task == "segmentation":
-        result = pr.segment_file(
-            predictor, args.input, args.batch_size or 32, progress, pixel_mm=args.pixel_mm
+        predictor = load_predictor(root, args.task, model, args.device)
+        result = task.predict_file(
+            predictor, inp, args.batch_size, not args.no_progress, args.pixel_mm
         )
-        pr.save_segmentation(result, args.output)
-        counts = {
-            name: int((result.labels == k).sum())
-            for k, name in enumerate(result.class_names)
-            if k > 0
-        }
-        found = ", ".join(f"{n} {c} px" for n, c in counts.items())
-        return f"wrote {args.output} ({predictor.describe()}; shape {result.labels.shape}; {found})"
-    recon = pr.reconstruct_file(predictor, args.input, args.batch_size or 4, progress)
-    pr.save_reconstruction(recon, args.output)
-    return (
-        f"wrote {args.output} ({predictor.describe()}; {recon.reconstruction.shape[0]} slices "
-        f"{recon.reconstruction.shape[1]}x{recon.reconstruction.shape[2]}; "
-        f"{recon.acceleration:.1f}x, mask from the {recon.mask_source})"
+        task.save_result(result, args.output)
+    return f"wrote {args.output} ({predictor.describe()}; {task.describe_result(result)})"
+
+
+def _predict_folder(
+    args: argparse.Namespace, pr: Any, root: Path, model: str | None, inputs: list[Path]
+) -> tuple[str, int]:
+    from .inference import load_predictor
+    from .tasks import get_task
+
+    if args.output.exists() and not args.output.is_dir():
+        raise ConfigError(
+            f"--output {args.output}: expected a folder for {len(inputs)} inputs, found a file"
+        )
+    task = get_task(args.task)
+    predictor = load_predictor(root, args.task, model, args.device)
+    report = pr.predict_many(
+        predictor, root, inputs, args.output, args.batch_size, not args.no_progress, args.pixel_mm
     )
+    lines = [f"wrote {out} ({task.describe_result(res)})" for out, res in report.results.items()]
+    lines.append(
+        f"{len(report.written)} of {len(inputs)} written to {args.output} ({predictor.describe()})"
+        + (f"; {len(report.failed)} failed:" if report.failed else "")
+    )
+    lines += [f"  {inp}: {why}" for inp, why in report.failed.items()]
+    return "\n".join(lines), 2 if report.failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         if args.command == "predict":
-            print(predict(args))
+            text, code = predict(args)
+            print(text)
+            if code:
+                sys.exit(code)
         else:
             from .app import launch
 

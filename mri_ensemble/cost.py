@@ -37,21 +37,6 @@ from .errors import PipelineError
 from .inference import EnsembleNet, load_members
 
 
-def batch_inputs(task: str, data: Path, batch: int) -> tuple[torch.Tensor, ...]:
-    """The first ``batch`` slices of a prepared file as one network input."""
-    if task == "segmentation":
-        from .data.prepared import read_segmentation_h5
-
-        images = read_segmentation_h5(data).image[:batch]
-        return (torch.from_numpy(np.ascontiguousarray(images[:, None], dtype=np.float32)),)
-    from .data.prepared_recon import read_reconstruction_h5
-    from .reconstruction import ReconDataset
-
-    dataset = ReconDataset(read_reconstruction_h5(data))
-    items = [dataset[i][0] for i in range(min(batch, len(dataset)))]
-    return tuple(torch.stack([it[j] for it in items]) for j in range(3))
-
-
 def macs_per_slice(
     checkpoints: dict[str, Path], inputs: tuple[torch.Tensor, ...]
 ) -> dict[str, float]:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mri_ensemble.errors import ConfigError, PipelineError
+from mri_ensemble.params import get
+from mri_ensemble.params import load_params as params_file
+from mri_ensemble.tasks import TASKS
 
 PARAMS_FILE = Path(os.environ.get("MRI_ENSEMBLE_PARAMS", "params.yaml"))
-TASKS = ("segmentation", "reconstruction")
-KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}  # what the ensemble maximises
 log = logging.getLogger("stages")
 
 
@@ -30,31 +30,8 @@ class ServiceUnavailable(RuntimeError):
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (run from the repository root)")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return params
-
-
-def get(
-    params: Mapping[str, Any], dotted: str, default: Any = ..., kind: type | None = None
-) -> Any:
-    """``params['a']['b']`` for ``'a.b'``; ConfigError naming the key if missing or mistyped."""
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            if default is not ...:
-                return default
-            raise ConfigError(f"params.yaml: missing key {dotted!r}")
-        node = node[part]
-    if kind is not None and not isinstance(node, kind):
-        raise ConfigError(f"params.yaml: key {dotted!r} should be {kind.__name__}, found {node!r}")
-    return node
+    """The project's params.yaml (``MRI_ENSEMBLE_PARAMS`` names another)."""
+    return params_file(path)
 
 
 def model_entry(params: Mapping[str, Any], name: str) -> dict[str, Any]:

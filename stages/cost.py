@@ -15,14 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from mri_ensemble.cost import batch_inputs, macs_per_slice, recommend
+from mri_ensemble.cost import macs_per_slice, recommend
 from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.inference import load_members
 from mri_ensemble.io import write_json
 from mri_ensemble.nets import count_parameters
+from mri_ensemble.tasks import get_task
 
-from .common import KEY_METRIC, cli, get, load_params, log
+from .common import cli, get, load_params, log
 
 
 def read_sizes(ensemble: Path, task: str) -> list[dict]:
@@ -53,8 +54,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     params = load_params()
-    if args.task not in KEY_METRIC:
-        raise ConfigError(f"cost: unknown task {args.task!r}; known: {list(KEY_METRIC)}")
+    task = get_task(args.task)
     p = get(params, f"cost.{args.task}", kind=dict)
     unknown = sorted(set(p) - {"batch", "repeats"})
     if unknown:
@@ -63,9 +63,9 @@ def main() -> None:
     if not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"params.yaml: cost.{args.task}.batch must be an int >= 1")
     sizes = read_sizes(args.ensemble, args.task)
-    key = KEY_METRIC[args.task]
+    key = task.key_metric
     checkpoints = member_checkpoints(args.models, args.task, sizes[-1]["members"])
-    inputs = batch_inputs(args.task, args.data, batch)
+    inputs = task.batch_inputs(args.data, batch)
     macs = macs_per_slice(checkpoints, inputs)
     n_params = {
         m: count_parameters(net)

@@ -15,249 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from mri_ensemble.baselines import threshold_segmentation
-from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
-from mri_ensemble.data.prepared import read_segmentation_h5, scored_splits
-from mri_ensemble.data.prepared_recon import contrast_groups, read_reconstruction_h5
-from mri_ensemble.ensemble import (
-    METHODS,
-    SEGMENTATION_ONLY,
-    ImageObjective,
-    SearchConfig,
-    SearchResult,
-    SegmentationObjective,
-    crossfit,
-    forward_selection,
-    leave_one_out,
-    members_below,
-    search,
+from mri_ensemble.ensemble import SearchConfig, SearchResult, members_below
+from mri_ensemble.ensemble.evaluation import (
+    choose_data_consistency,
+    eval_splits,
+    fuse,
+    method_key,
+    run_method,
+    sizes_and_leave_one_out,
 )
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
-from mri_ensemble.metrics import CLASS_NAMES, segmentation_scores
-from mri_ensemble.mri.consistency import consistent_image_np
-from mri_ensemble.mri.quality import reconstruction_scores
-from mri_ensemble.reconstruction import zero_filled
-from mri_ensemble.segmentation import class_names_of
+from mri_ensemble.tasks import Task, get_task
 
-from .common import KEY_METRIC, cli, flatten, get, load_params, log, task_models
+from .common import cli, flatten, get, load_params, log, task_models
 from .tracking import mlflow_run
-
-
-def load_stack(
-    pred_dir: Path,
-    models: list[str],
-    split: str,
-    case: np.ndarray,
-    read: Callable[[Path], tuple[np.ndarray, np.ndarray]] = read_probabilities,
-) -> np.ndarray:
-    """Saved outputs of every model for ``split`` (``read``: probabilities -> (M, N, K, H, W),
-    or ``read_reconstructions`` -> (M, N, H, W)), checked against the prepared ``case``."""
-    stack = []
-    for m in models:
-        path = pred_dir / m / f"{split}.h5"
-        out, c = read(path)
-        if not np.array_equal(c, case):
-            raise DataError(f"{path}: case order differs from the prepared {split} set")
-        stack.append(out)
-    return np.stack(stack)
-
-
-def _scores(task: str, fused: np.ndarray, truth: np.ndarray, case: np.ndarray, names) -> dict:
-    if task == "segmentation":
-        return segmentation_scores(fused, truth, case, names)
-    return reconstruction_scores(fused, truth, case)
-
-
-def weights_json(weights: np.ndarray, models: list[str], names: list[str]) -> dict:
-    """{model: w} for shared weights, {model: {class: w}} for per-class weights."""
-    if weights.ndim == 1:
-        return dict(zip(models, map(float, weights), strict=True))
-    return {
-        m: dict(zip(names, map(float, row), strict=True))
-        for m, row in zip(models, weights, strict=True)
-    }
-
-
-def load_task(task: str, models: list[str], predictions: Path, data: Path) -> dict[str, Any]:
-    """Objectives (outputs, truth, case) of val, test and every shifted test set, class
-    names, baselines, and (reconstruction) what data consistency on the fused image needs."""
-    splits = scored_splits(data)
-    if task == "segmentation":
-        sets = {s: read_segmentation_h5(data / f"{s}.h5") for s in splits}
-        objs = {
-            s: SegmentationObjective(load_stack(predictions, models, s, d.case), d.label, d.case)
-            for s, d in sets.items()
-        }
-        names = class_names_of(sets["test"])
-        baselines: dict[str, dict] = {}
-        if names == list(CLASS_NAMES):  # the threshold baseline knows cardiac anatomy only
-            baselines["threshold"] = {
-                s: segmentation_scores(threshold_segmentation(d.image, d.case), d.label, d.case)
-                for s, d in sets.items()
-                if s != "val"
-            }
-        return {"objs": objs, "names": names, "baselines": baselines, "measured": {}}
-    rsets = {s: read_reconstruction_h5(data / f"{s}.h5") for s in splits}
-    robjs = {  # val groups: contrasts (robust selection and the guard score per group)
-        s: ImageObjective(
-            load_stack(predictions, models, s, d.case, read_reconstructions),
-            d.target,
-            d.case,
-            groups=contrast_groups(d.case),
-        )
-        for s, d in rsets.items()
-    }
-    zf = {s: zero_filled(d) for s, d in rsets.items()}
-    rbaselines = {
-        "zero_filled": {
-            s: reconstruction_scores(zf[s], d.target, d.case) for s, d in rsets.items()
-        },
-        "grappa": {s: reconstruction_scores(d.grappa, d.target, d.case) for s, d in rsets.items()},
-    }
-    measured = {s: (d.kspace * d.mask[:, None, None, :], d.mask) for s, d in rsets.items()}
-    return {
-        "objs": robjs,
-        "names": [],
-        "baselines": rbaselines,
-        "measured": measured,
-        "zero_filled": zf,
-    }
-
-
-def fuse(t: dict, split: str, result: SearchResult, models: list[int] | None = None) -> np.ndarray:
-    """The fused output of ``split``; reconstruction: with the acquired k-space lines put
-    back (hard data consistency) when ``t["data_consistency"]``."""
-    fused = t["objs"][split].fuse(result, models=models)
-    if t.get("measured") and t.get("data_consistency", True):
-        fused = consistent_image_np(fused, *t["measured"][split])
-    return fused
-
-
-def choose_data_consistency(task: str, t: dict, cfg: SearchConfig, param: bool | str) -> bool:
-    """Whether the fused image gets hard data consistency: ``param`` itself, or for ``auto``
-    whichever scores better on val for the shipped method's weights (val only: the test and
-    shifted sets never decide). Sets ``t["data_consistency"]``; False without k-space."""
-    if not t.get("measured"):
-        t["data_consistency"] = False
-        return False
-    if param != "auto":
-        t["data_consistency"] = bool(param)
-        return bool(param)
-    val = t["objs"]["val"]
-    result = search(val, cfg, exclude=t.get("exclude", {}))
-    scores = {}
-    for flag in (True, False):
-        t["data_consistency"] = flag
-        fused = fuse(t, "val", result)
-        scores[flag] = _scores(task, fused, val.target, val.case, t["names"])[KEY_METRIC[task]]
-    chosen = bool(scores[True] > scores[False])
-    t["data_consistency"] = chosen
-    log.info(
-        "data consistency on the fused image: val %.4f with, %.4f without -> %s",
-        scores[True],
-        scores[False],
-        "on" if chosen else "off",
-    )
-    return chosen
-
-
-def method_key(cfg: SearchConfig) -> str:
-    """A method's name in the outputs: ``<method>/worst_group`` for robust selection."""
-    return f"{cfg.method}/worst_group" if cfg.robust else cfg.method
-
-
-def eval_splits(t: dict) -> list[str]:
-    """The splits scored after the search: test and the shifted test sets."""
-    return [s for s in t["objs"] if s != "val"]
-
-
-def run_method(task: str, t: dict, cfg: SearchConfig, folds: int, models: list[str]) -> dict:
-    """One method: weights on all of val, cross-fitted val score, test and shifted scores."""
-    val = t["objs"]["val"]
-    exclude = t.get("exclude", {})
-    t0 = time.perf_counter()
-    result = search(val, cfg, exclude=exclude)
-    seconds = time.perf_counter() - t0
-    crossfitted = {}
-    if folds:  # 0: the user asked for no cross-fitting; anything else must work
-        try:
-            fused_cf, _ = crossfit(val, cfg, folds, exclude=exclude)
-        except DataError as exc:  # e.g. a val set of one patient: nothing to hold out
-            raise DataError(
-                f"ensemble@{task}: method {cfg.method!r}: {exc} in the val split; add val "
-                f"cases or set ensemble.{task}.crossfit_folds: 0 to skip cross-fitting"
-            ) from exc
-        if t.get("measured") and t.get("data_consistency", True):
-            fused_cf = consistent_image_np(fused_cf, *t["measured"]["val"])
-        crossfitted = _scores(task, fused_cf, val.target, val.case, t["names"])
-    scored = {
-        s: _scores(task, fuse(t, s, result), t["objs"][s].target, t["objs"][s].case, t["names"])
-        for s in eval_splits(t)
-    }
-    return {
-        "method": method_key(cfg),
-        "weights": weights_json(result.weights, models, t["names"]),
-        "val": _scores(task, fuse(t, "val", result), val.target, val.case, t["names"]),
-        "crossfit": crossfitted,
-        **scored,
-        "val_search_score": result.score,
-        "candidates_evaluated": result.candidates_evaluated,
-        "note": result.note,
-        "trace": result.trace,
-        "_result": result,
-        "_seconds": seconds,  # machine timing: logged, never written into an output
-    }
-
-
-def sizes_and_leave_one_out(
-    task: str, t: dict, cfg: SearchConfig, models: list[str], params_of: dict[str, int]
-) -> tuple[list[dict], dict[str, dict]]:
-    """Gain versus size in greedy order, and each member's leave-one-out contribution."""
-    key = KEY_METRIC[task]
-    val, test = t["objs"]["val"], t["objs"]["test"]
-
-    def test_score(result: SearchResult, members: list[int]) -> float:
-        fused = fuse(t, "test", result, models=members)
-        return float(_scores(task, fused, test.target, test.case, t["names"])[key])
-
-    sizes = []
-    for order, result in forward_selection(val, cfg):
-        members = sorted(order)  # the weights' order
-        names = [models[i] for i in members]
-        sizes.append(
-            {
-                "size": len(members),
-                "added": models[order[-1]],
-                "members": names,
-                "weights": weights_json(result.weights, names, t["names"]),
-                f"val_{key}": result.score,
-                f"test_{key}": test_score(result, members),
-                "params": int(sum(params_of[n] for n in names)),
-            }
-        )
-    full = sizes[-1]
-    loo = {}
-    for i, result in enumerate(leave_one_out(val, cfg)):
-        if result is None:
-            continue
-        rest = [j for j in range(len(models)) if j != i]
-        without = test_score(result, rest)
-        loo[models[i]] = {
-            f"val_{key}_without": result.score,
-            f"test_{key}_without": without,
-            "val_contribution": full[f"val_{key}"] - result.score,
-            "test_contribution": full[f"test_{key}"] - without,
-        }
-    return sizes, loo
 
 
 @cli
@@ -269,13 +46,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     params = load_params()
-    if args.task not in KEY_METRIC:
-        raise ConfigError(f"ensemble: unknown task {args.task!r}; known: {list(KEY_METRIC)}")
-    p = get(params, f"ensemble.{args.task}", kind=dict)
+    task = get_task(args.task)
+    p = get(params, f"ensemble.{task.name}", kind=dict)
     models = task_models(params, args.task)
     if not models:
         raise ConfigError(f"params.yaml: no train entries with task {args.task!r}")
-    configs, folds = search_configs(p, args.task, int(get(params, "seed")))
+    configs, folds = search_configs(p, task, int(get(params, "seed")))
     per_model = {}
     for m in models:
         path = args.predictions / m / "metrics.json"
@@ -285,12 +61,12 @@ def main() -> None:
         per_model[m] = {
             k: v for k, v in mj.items() if k in ("val", "test", "params") or k.startswith("shift_")
         }
-    t = load_task(args.task, models, args.predictions, args.data)
-    key = KEY_METRIC[args.task]
-    guard = p.get("guard", "zero_filled") if args.task == "reconstruction" else "none"
-    if guard not in ("zero_filled", "none"):
+    t = task.ensemble_inputs(models, args.predictions, args.data)
+    key = task.key_metric
+    guard = p.get("guard", task.guard)
+    if guard not in {task.guard, "none"}:
         raise ConfigError(
-            f"params.yaml: ensemble.{args.task}.guard should be zero_filled or none, found {guard!r}"
+            f"params.yaml: ensemble.{task.name}.guard should be {task.guard} or none, found {guard!r}"
         )
     dc_param = p.get("data_consistency", "auto")
     if dc_param not in (True, False, "auto"):
@@ -320,11 +96,11 @@ def main() -> None:
                     "guard: %s is below zero-filled on val group(s) %s: weight 0", name, groups
                 )
 
-    dc = choose_data_consistency(args.task, t, configs[0], dc_param)
+    dc = choose_data_consistency(task, t, configs[0], dc_param)
     methods = {}
     for cfg in tqdm(configs, desc=f"ensemble methods ({args.task})", disable=None):
         name = method_key(cfg)
-        methods[name] = run_method(args.task, t, cfg, folds, models)
+        methods[name] = run_method(task, t, cfg, folds, models)
         log.info(
             "%s: val %s %.4f in-sample, %.4f cross-fitted; test %.4f (%d candidates, %.2f s)",
             name,
@@ -337,7 +113,7 @@ def main() -> None:
         )
     shipped = configs[0]
     params_of = {m: int(per_model[m]["params"]) for m in models}
-    sizes, loo = sizes_and_leave_one_out(args.task, t, shipped, models, params_of)
+    sizes, loo = sizes_and_leave_one_out(task, t, shipped, models, params_of)
     results = {name: entry.pop("_result") for name, entry in methods.items()}
     seconds = {name: entry.pop("_seconds") for name, entry in methods.items()}
 
@@ -351,7 +127,7 @@ def main() -> None:
         "models": per_model,
         "ensemble": ens,
         "methods": {
-            name: {split: _key_scores(e[split], args.task) for split in scored}
+            name: {split: _key_scores(e[split], task) for split in scored}
             for name, e in methods.items()
         },
         "baselines": t["baselines"],
@@ -381,9 +157,7 @@ def main() -> None:
         for flag in (True, False):
             t["data_consistency"] = flag
             with_dc[str(flag).lower()] = {
-                s: _key_scores(
-                    _scores(args.task, fuse(t, s, result), o.target, o.case, []), args.task
-                )
+                s: _key_scores(task.score(fuse(t, s, result), o.target, o.case, []), task)
                 for s, o in t["objs"].items()
             }
         t["data_consistency"] = dc
@@ -407,16 +181,13 @@ def main() -> None:
     )
 
 
-def _key_scores(scores: dict, task: str) -> dict:
-    keep = ("iou", "dice") if task == "segmentation" else ("ssim", "psnr", "nmse")
-    return {k: scores[k] for k in keep if k in scores}
+def _key_scores(scores: dict, task: Task) -> dict:
+    return {k: scores[k] for k in task.summary_metrics if k in scores}
 
 
-def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], int]:
+def search_configs(p: dict, task: Task, seed: int) -> tuple[list[SearchConfig], int]:
     """The shipped method first, then the compared ones (params ``ensemble.<task>``)."""
-    known = {"method", "compare", "n_random", "rounds", "penalty", "crossfit_folds", "robust"}
-    if task == "reconstruction":
-        known |= {"guard", "data_consistency"}
+    known = task.ensemble_keys
     unknown = sorted(set(p) - known)
     if unknown:
         raise ConfigError(
@@ -428,7 +199,7 @@ def search_configs(p: dict, task: str, seed: int) -> tuple[list[SearchConfig], i
             f"params.yaml: ensemble.{task}.compare should be a list, found {compare!r}"
         )
     names = list(dict.fromkeys([p.get("method", "random+nelder_mead"), *compare]))
-    allowed = [m for m in METHODS if task == "segmentation" or m not in SEGMENTATION_ONLY]
+    allowed = task.ensemble_methods
     for name in names:
         if name not in allowed:
             raise ConfigError(

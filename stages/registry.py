@@ -31,13 +31,13 @@ import numpy as np
 import mri_ensemble
 from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import DataError
+from mri_ensemble.tasks import get_task
 
 log = logging.getLogger(__name__)
 PACKAGE = Path(mri_ensemble.__file__).resolve().parent  # shipped with the model (code_paths)
 
 ALIAS = "champion"
 BUNDLE_FORMAT = "stages.registry/1"  # part of the fingerprint: a new layout is a new version
-KEY_METRIC = {"segmentation": "iou", "reconstruction": "ssim"}
 REQUIREMENTS = [  # what loading needs (the package's own pins, see pyproject.toml)
     "torch==2.13.0",
     "monai==1.6.1",
@@ -60,25 +60,18 @@ try:  # the class is only needed where mlflow is installed (always, in this proj
     import mlflow.pyfunc
 
     class EnsembleModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
-        """pyfunc wrapper: the task's ensemble, loaded with :mod:`mri_ensemble.predict`."""
+        """pyfunc wrapper: the task's ensemble (:class:`~mri_ensemble.inference.EnsembleNet`,
+        loaded by :func:`~mri_ensemble.inference.load_predictor`)."""
 
         def load_context(self, context: Any) -> None:
-            from mri_ensemble.predict import load_predictor
+            from mri_ensemble.inference import load_predictor
 
             root = Path(context.artifacts["project"])
-            self.task = json.loads((root / "task.json").read_text())["task"]
-            self.predictor = load_predictor(root, self.task, "ensemble", device="auto")
+            self.task = get_task(json.loads((root / "task.json").read_text())["task"])
+            self.predictor = load_predictor(root, self.task.name, "ensemble", device="auto")
 
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            from mri_ensemble.predict import predict_labels, reconstruct_file
-
-            if self.task == "segmentation":
-                images = np.asarray(model_input, dtype=np.float32)
-                if images.ndim == 2:
-                    images = images[None]
-                return predict_labels(self.predictor, images)
-            path = model_input[0] if isinstance(model_input, list | tuple) else model_input
-            return reconstruct_file(self.predictor, Path(str(path))).reconstruction
+            return self.task.predict_array(self.predictor, model_input)
 
 except ImportError:  # pragma: no cover
     pass
@@ -128,7 +121,7 @@ def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
 
     client = MlflowClient()
     name = registered_name(task)
-    key = KEY_METRIC[task]
+    key = get_task(task).key_metric
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "project"
         bundle.mkdir()

@@ -33,8 +33,9 @@ from mri_ensemble.figures import (
     plot_segmentation_overlays,
 )
 from mri_ensemble.io import atomic_path
-from mri_ensemble.reconstruction import zero_filled
-from mri_ensemble.segmentation import class_names_of
+from mri_ensemble.tasks import TASKS
+from mri_ensemble.tasks.reconstruction import zero_filled
+from mri_ensemble.tasks.segmentation import class_names_of
 
 from .common import cli, get, load_params, log, task_models, weights_array
 
@@ -342,16 +343,6 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
 # between ``<!-- results:begin <task> -->`` and ``<!-- results:end <task> -->``:
 # ``python -m stages.report --readme README.md`` rewrites them, ``--check`` fails on a
 # difference (a test does that, and CI does it on the reproduced run).
-RESULT_COLUMNS = {
-    "segmentation": (("val", "iou", "val IoU"), ("test", "iou", "test IoU"),
-                     ("test", "dice", "test Dice")),
-    "reconstruction": (("val", "ssim", "val SSIM"), ("test", "ssim", "test SSIM"),
-                       ("test", "psnr", "test PSNR (dB)"), ("test", "nmse", "test NMSE")),
-}  # fmt: skip
-BASELINES = {
-    "segmentation": (("threshold", "threshold baseline (multi-Otsu, no learning)"),),
-    "reconstruction": (("grappa", "GRAPPA baseline"), ("zero_filled", "zero-filled baseline")),
-}
 RESULTS_BEGIN, RESULTS_END = "<!-- results:begin {} -->", "<!-- results:end {} -->"
 
 
@@ -373,7 +364,7 @@ def shifted_block(task: str, metrics: dict) -> list[str]:
     splits = shifted_splits(metrics)
     if not splits:
         return []
-    key, label = RESULT_COLUMNS[task][0][1], RESULT_COLUMNS[task][0][2].split()[-1]
+    key, label = TASKS[task].report_columns[0][1], TASKS[task].report_columns[0][2].split()[-1]
     titles = ["test (in distribution)", *(s[len("shift_") :] + " (shifted)" for s in splits)]
     lines = [
         f"{label} on the in-distribution test set and on each shifted test set (data no "
@@ -394,7 +385,7 @@ def shifted_block(task: str, metrics: dict) -> list[str]:
     for name, scores in metrics["methods"].items():
         full = {s: scores.get(s) for s in ("test", *splits)}
         lines.append(row(f"**{name}** (shipped)" if name == shipped else f"ensemble: {name}", full))
-    for name, title in BASELINES[task]:
+    for name, title in TASKS[task].report_baselines:
         if name in metrics["baselines"]:
             lines.append(row(title, metrics["baselines"][name]))
     dropped = metrics.get("guard", {}).get("dropped", {})
@@ -431,7 +422,7 @@ def shifted_block(task: str, metrics: dict) -> list[str]:
 def results_block(task: str, metrics: dict, cost: dict | None) -> str:
     """The README's results for ``task``: one table and the sentences stating the gains,
     every number computed from ``metrics`` (and ``cost``) unrounded, then formatted once."""
-    cols = RESULT_COLUMNS[task]
+    cols = TASKS[task].report_columns
     key = cols[0][1]
     label = cols[0][2].split()[-1]
     models = list(metrics["models"])
@@ -457,7 +448,7 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
     )  # fmt: skip
     if mean is not None:
         lines.append(row(f"unweighted mean of the {len(models)}", sum(params.values()), mean))
-    for name, title in BASELINES[task]:
+    for name, title in TASKS[task].report_baselines:
         if name in metrics["baselines"]:
             lines.append(row(title, 0, metrics["baselines"][name]))
     best = max(models, key=lambda m: metrics["models"][m]["val"][key])
@@ -476,8 +467,10 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
         f"; on val it scores {ens['val'][key]:.4f} against {b['val'][key]:.4f} "
         f"({ens['val'][key] - b['val'][key]:+.4f})."
     )
-    if task == "reconstruction":
-        sentence += f" Test PSNR changes by {ens['test']['psnr'] - b['test']['psnr']:+.2f} dB."
+    for metric, name, unit in TASKS[task].report_gain_notes:
+        sentence += (
+            f" Test {name} changes by {ens['test'][metric] - b['test'][metric]:+.2f} {unit}."
+        )
     if mean is not None:
         sentence += (
             f" The unweighted mean of all {len(models)} changes test {label} by "
@@ -495,12 +488,12 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
 def methods_block(metrics: dict[str, dict]) -> str:
     """Every ensemble method of every task: val in-sample / cross-fitted / test."""
     tasks = list(metrics)
-    keys = {t: RESULT_COLUMNS[t][0][1] for t in tasks}
+    keys = {t: TASKS[t].report_columns[0][1] for t in tasks}
     names = list(dict.fromkeys(n for t in tasks for n in metrics[t]["methods"]))
     lines = [
         "| method | "
         + " | ".join(
-            f"{t}: val {RESULT_COLUMNS[t][0][2].split()[-1]} in-sample / cross-fitted / test"
+            f"{t}: val {TASKS[t].report_columns[0][2].split()[-1]} in-sample / cross-fitted / test"
             for t in tasks
         )
         + " |",
@@ -524,7 +517,7 @@ def methods_block(metrics: dict[str, dict]) -> str:
 def readme_blocks(reports: Path) -> dict[str, str]:
     """Per task with a committed metrics.json its results block, and the methods table."""
     out, metrics = {}, {}
-    for task in RESULT_COLUMNS:
+    for task in TASKS:
         metrics_file, cost_file = reports / task / "metrics.json", reports / task / "cost.json"
         if metrics_file.is_file():
             cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
@@ -558,11 +551,11 @@ def sync_readme(readme: Path, blocks: dict[str, str], check: bool) -> list[str]:
 def val_guarantees(reports: Path) -> list[str]:
     """Each task's shipped ensemble scores at least its best single model on val."""
     bad = []
-    for task, cols in RESULT_COLUMNS.items():
-        path = reports / task / "metrics.json"
+    for task in TASKS.values():
+        path = reports / task.name / "metrics.json"
         if not path.is_file():
             continue
-        metrics, key = json.loads(path.read_text()), cols[0][1]
+        metrics, key = json.loads(path.read_text()), task.key_metric
         best = max(m["val"][key] for m in metrics["models"].values())
         if metrics["ensemble"]["val"][key] < best - 1e-9:
             bad.append(f"{path}: ensemble val {key} {metrics['ensemble']['val'][key]} < {best}")

@@ -30,17 +30,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mri_ensemble import distributed, reconstruction, segmentation
+from mri_ensemble import distributed
 from mri_ensemble.data.augment import mixup_batch
-from mri_ensemble.data.prepared import SliceDataset, read_segmentation_h5
-from mri_ensemble.data.prepared_recon import read_reconstruction_h5
 from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path, write_json
-from mri_ensemble.losses import build_loss
-from mri_ensemble.mri.masks import MaskSpec
-from mri_ensemble.mri.quality import build_recon_loss
-from mri_ensemble.nets import RECONSTRUCTION, SEGMENTATION, count_parameters
-from mri_ensemble.reconstruction import ReconDataset, uses_grappa
+from mri_ensemble.nets import count_parameters
+from mri_ensemble.tasks import get_task
 from mri_ensemble.train import (
     BatchTransform,
     ModelSpec,
@@ -81,41 +76,10 @@ def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
 def setup_task(
     entry: dict, train_path: Path, val_path: Path, seed: int
 ) -> tuple[ModelSpec, nn.Module, Dataset, Validate]:
-    """Network spec, loss, training set and validation function of one params entry.
-
-    Segmentation: ``loss_config`` goes to the loss; ``weighted_ce`` gets the class pixel
-    counts that ingest measured on the training split (an attribute of the file).
-    """
-    task, net = entry["task"], dict(entry.get("net") or {})
-    table = SEGMENTATION if task == "segmentation" else RECONSTRUCTION
-    if entry["arch"] not in table:
-        raise ConfigError(
-            f"unknown {task} model {entry['arch']!r}; known: {', '.join(sorted(table))}"
-        )
-    if task == "segmentation":
-        train_data = read_segmentation_h5(train_path)
-        n_classes = len(segmentation.class_names_of(train_data))
-        binary = entry.get("loss") == "bce"  # binary mode: one output channel
-        if binary and n_classes != 2:
-            raise ConfigError(f"params.yaml: loss 'bce' needs 2 classes, the data has {n_classes}")
-        spec = ModelSpec(entry["arch"], net, 1, 1 if binary else n_classes)
-        spec.build()  # validates the net config
-        counts = train_data.attrs.get("class_counts")
-        loss_fn = build_loss(
-            entry.get("loss", "dice_focal"), entry.get("loss_config"), class_counts=counts
-        )
-        val = read_segmentation_h5(val_path)
-        return spec, loss_fn, SliceDataset(train_data), segmentation.make_validate(val, loss_fn)
-    if task == "reconstruction":
-        spec = ModelSpec(entry["arch"], net, 2, 1)
-        model = spec.build()
-        loss_fn = build_recon_loss(entry.get("loss", "ssim"), entry.get("loss_config"))
-        data = read_reconstruction_h5(train_path)
-        val_set = read_reconstruction_h5(val_path)
-        mask_spec = MaskSpec.from_mapping(data.attrs.get("mask"))
-        train_set = ReconDataset(data, mask_spec, seed, with_grappa=uses_grappa(model))
-        return spec, loss_fn, train_set, reconstruction.make_validate(val_set, loss_fn)
-    raise AssertionError(task)  # model_entry() admits only known tasks
+    """Network spec, loss, training set and validation function of one params entry."""
+    task = get_task(entry["task"])
+    task.check_arch(entry["arch"])
+    return task.training(entry, train_path, val_path, seed)
 
 
 def mixup_transform(entry: dict, n_classes: int) -> BatchTransform | None:
@@ -123,7 +87,7 @@ def mixup_transform(entry: dict, n_classes: int) -> BatchTransform | None:
     alpha = float(entry.get("mixup_alpha") or 0.0)
     if alpha <= 0:
         return None
-    if entry["task"] != "segmentation" or n_classes < 2:
+    if not get_task(entry["task"]).mixup or n_classes < 2:
         raise ConfigError(
             f"params.yaml: train.{entry['task']}-{entry['model']}.mixup_alpha needs a "
             "multi-class segmentation loss (not reconstruction, not 'bce')"

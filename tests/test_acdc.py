@@ -12,12 +12,12 @@ import pytest
 from mri_ensemble.data import acdc
 from mri_ensemble.data.acdc import (
     list_patients,
-    normalize_intensity,
     read_acdc,
     read_info_cfg,
     read_patient,
     split_patients,
 )
+from mri_ensemble.data.grid import normalize_intensity
 from mri_ensemble.errors import ConfigError, DataError
 
 ZOOMS = (1.5, 1.5, 10.0)

@@ -16,11 +16,12 @@ import yaml
 from tiny_project import save_member
 
 from mri_ensemble import cost
-from mri_ensemble.cost import batch_inputs, latencies, macs_per_slice, peak_memory_mb, recommend
+from mri_ensemble.cost import latencies, macs_per_slice, peak_memory_mb, recommend
 from mri_ensemble.data.prepared import write_segmentation_arrays
 from mri_ensemble.errors import DataError
 from mri_ensemble.inference import EnsembleNet, load_members
-from mri_ensemble.segmentation import probabilities
+from mri_ensemble.tasks import TASKS
+from mri_ensemble.tasks.segmentation import probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = ("unet", {"features": [4, 8], "dropout": 0.0})
@@ -111,7 +112,7 @@ def test_latency_of_the_batched_ensemble_and_its_members_side_by_side(
         lambda p, d: [Timed(n, t) for n, t in zip(real, (0.004, 0.012), strict=True)],
     )
     monkeypatch.setattr(cost, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    inputs = batch_inputs("segmentation", _prepared(tmp_path), 4)
+    inputs = TASKS["segmentation"].batch_inputs(_prepared(tmp_path), 4)
     assert inputs[0].shape == (4, 1, 32, 32)
     plan = [(["m0"], np.array([1.0])), (["m0", "m1"], np.array([0.5, 0.5]))]
     timed = latencies(
@@ -144,7 +145,7 @@ def test_peak_memory_probe_sees_the_members_weights(tmp_path: Path) -> None:
     paths = _members(tmp_path, 2, BIG)
     n_params = sum(p.numel() for p in load_members(paths[:1])[0].parameters())
     inputs = tmp_path / "inputs.pt"
-    torch.save(batch_inputs("segmentation", _prepared(tmp_path), 2), inputs)
+    torch.save(TASKS["segmentation"].batch_inputs(_prepared(tmp_path), 2), inputs)
     one = peak_memory_mb("segmentation", paths[:1], np.array([1.0]), inputs, "cpu")
     two = peak_memory_mb("segmentation", paths, np.array([0.5, 0.5]), inputs, "cpu")
     weights_mb = 4 * n_params / 2**20

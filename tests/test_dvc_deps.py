@@ -32,29 +32,38 @@ def module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``."""
-    out: list[ast.AST] = []
-    todo = [tree]
+def _runtime_nodes(tree: ast.AST) -> list[tuple[ast.AST, tuple[str, ...]]]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``, each with the names
+    of the functions it sits in (outermost first)."""
+    out: list[tuple[ast.AST, tuple[str, ...]]] = []
+    todo: list[tuple[ast.AST, tuple[str, ...]]] = [(tree, ())]
     while todo:
-        node = todo.pop()
-        out.append(node)
+        node, funcs = todo.pop()
+        out.append((node, funcs))
+        inner = (
+            (*funcs, node.name)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            else funcs
+        )
         for child in ast.iter_child_nodes(node):
             test = child.test if isinstance(child, ast.If) else None
             if isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
                 "TYPE_CHECKING"
             ):
-                todo.extend(child.orelse)
+                todo.extend((c, inner) for c in child.orelse)
                 continue
-            todo.append(child)
+            todo.append((child, inner))
     return out
 
 
-def imports_of(root: Path, module: str, path: Path) -> set[str]:
-    """Project modules that ``module`` (at ``path``) imports."""
+def imports_of(root: Path, module: str, path: Path, referenced: set[str] | None = None) -> set[str]:
+    """Project modules that ``module`` (at ``path``) imports. An import inside a function
+    counts when ``referenced`` is None or names that function (and every one around it)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node, funcs in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if referenced is not None and not all(f in referenced for f in funcs):
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -67,22 +76,56 @@ def imports_of(root: Path, module: str, path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in PACKAGES and module_file(root, m)}
 
 
+def references_of(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """Every name ``path`` uses (``f``, ``x.f``: what its code can call), each with the
+    functions it is used in."""
+    out = []
+    for node, funcs in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Name):
+            out.append((node.id, funcs))
+        elif isinstance(node, ast.Attribute):
+            out.append((node.attr, funcs))
+    return out
+
+
+def _reachable(uses: list[tuple[str, tuple[str, ...]]]) -> set[str]:
+    """Names used at module level, then those used inside functions whose names are
+    themselves reachable, to a fixed point."""
+    reached: set[str] = set()
+    while True:
+        grown = {name for name, funcs in uses if all(f in reached for f in funcs)}
+        if grown <= reached:
+            return reached
+        reached |= grown
+
+
 def closure(root: Path, start: str) -> set[str]:
-    """Repository-relative paths of every project file that importing ``start`` runs."""
-    seen: dict[str, Path] = {}
-    todo = [start]
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        path = module_file(root, module)
-        if path is None:
-            raise AssertionError(f"{module}: no such project module")
-        seen[module] = path
-        parts = module.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # package __init__s
-        todo += sorted(imports_of(root, module, path))
-    return {p.relative_to(root).as_posix() for p in seen.values()}
+    """Repository-relative paths of every project file that running ``start`` can import.
+
+    A function's own imports (e.g. a task method's, :mod:`mri_ensemble.tasks`) count only
+    when the function is reachable: its name is used at module level somewhere in the
+    closure, or inside a function that is reachable. So the ingest stage, which never asks
+    a task for its ensemble inputs, does not depend on the ensemble code. Grown to a fixed
+    point."""
+    referenced: set[str] = set()
+    while True:
+        seen: dict[str, Path] = {}
+        todo = [start]
+        while todo:
+            module = todo.pop()
+            if module in seen:
+                continue
+            path = module_file(root, module)
+            if path is None:
+                raise AssertionError(f"{module}: no such project module")
+            seen[module] = path
+            parts = module.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # package __init__s
+            todo += sorted(imports_of(root, module, path, referenced))
+        grown = _reachable([u for p in seen.values() for u in references_of(p)])
+        if grown <= referenced:
+            return {p.relative_to(root).as_posix() for p in seen.values()}
+        referenced |= grown
 
 
 def stages_of(root: Path) -> list[tuple[str, str, list[str]]]:
@@ -127,10 +170,12 @@ def test_tracking_code_is_no_dep_and_writes_no_out():
 def test_report_and_figure_code_retrain_nothing():
     for name, _cmd, deps in stages_of(ROOT):
         if name.startswith(("ingest", "augment", "train", "evaluate")):
-            for path in ("stages/report.py", "mri_ensemble/figures.py", "mri_ensemble/ensemble.py"):
-                assert not any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps), (
-                    f"{name} depends on {path}"
-                )
+            for path in ("stages/report.py", "mri_ensemble/figures.py", "mri_ensemble/ensemble"):
+                # a dep on the path, on a folder above it, or (a folder) on a file inside it
+                assert not any(
+                    path == d or path.startswith(d.rstrip("/") + "/") or d.startswith(path + "/")
+                    for d in deps
+                ), f"{name} depends on {path}"
 
 
 def test_the_check_fails_on_a_missing_dep(tmp_path: Path):
@@ -146,10 +191,23 @@ def test_the_check_fails_on_a_missing_dep(tmp_path: Path):
     dvc_yaml.write_text(dvc_yaml.read_text().replace("        - mri_ensemble/losses.py\n", "", 1))
     (tmp_path / "mri_ensemble" / "extra.py").write_text("X = 1\n")
     train = tmp_path / "stages" / "train.py"
-    train.write_text(train.read_text() + "\ndef _late():\n    from mri_ensemble import extra\n")
+    train.write_text(
+        train.read_text() + "\ndef _late():\n    from mri_ensemble import extra\n\n\nLATE = _late\n"
+    )
     missing = uncovered(tmp_path)
     assert missing["train@segmentation-unet"] == ["mri_ensemble/extra.py", "mri_ensemble/losses.py"]
     assert "extra.py" not in " ".join(missing.get("ensemble@segmentation", []))
+
+
+def test_a_function_import_counts_only_where_the_function_is_used():
+    """Task methods import what only some stages need: ingest does not depend on the
+    ensemble search, the ensemble stage does; a never-used function's import is no dep."""
+    ingest = closure(ROOT, "stages.ingest")
+    assert "mri_ensemble/data/ingest.py" in ingest
+    assert not {p for p in ingest if p.startswith(("mri_ensemble/ensemble", "mri_ensemble/nets"))}
+    assert "mri_ensemble/ensemble/__init__.py" in closure(ROOT, "stages.ensemble")
+    assert "mri_ensemble/losses.py" in closure(ROOT, "stages.train")
+    assert "mri_ensemble/losses.py" not in closure(ROOT, "stages.evaluate")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mri_ensemble import ensemble
-from mri_ensemble.ensemble import combine, search_weights
+from mri_ensemble.ensemble import combine, optimise, scorers, search_weights
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.metrics import segmentation_scores
 from mri_ensemble.mri.quality import reconstruction_scores
@@ -119,9 +119,9 @@ def test_batched_scorer_equals_naive_loop(monkeypatch: pytest.MonkeyPatch) -> No
     weights = np.vstack([np.eye(3), rng.random((9, 3))])
     weights /= weights.sum(axis=1, keepdims=True)
     naive = [_naive_score(probs, w, target, case) for w in weights]
-    scorer = ensemble._BatchScorer(probs, target, case)
+    scorer = ensemble.BatchScorer(probs, target, case)
     np.testing.assert_allclose(scorer(weights), naive, rtol=0, atol=1e-12)
-    monkeypatch.setattr(ensemble, "CHUNK_ELEMENTS", 50)  # many small chunks, same counts
+    monkeypatch.setattr(scorers, "CHUNK_ELEMENTS", 50)  # many small chunks, same counts
     np.testing.assert_allclose(scorer(weights), naive, rtol=0, atol=1e-12)
 
 
@@ -189,7 +189,7 @@ def test_per_class_scorer_handles_pixels_where_every_model_agrees() -> None:
     probs, target, case = _random_data(11, m=3, n=6, size=10)
     rng = np.random.default_rng(1)
     weights = rng.dirichlet(np.ones(3), (12, C)).transpose(0, 2, 1)  # (K, M, C)
-    scorer = ensemble._BatchScorer(probs, target, case, per_class=True)
+    scorer = ensemble.BatchScorer(probs, target, case, per_class=True)
     naive = [_naive_score(probs, w, target, case) for w in weights]
     np.testing.assert_allclose(scorer(weights), naive, rtol=0, atol=1e-12)
 
@@ -289,7 +289,7 @@ def test_ssim_scorer_equals_fastmri_scores_of_the_fused_images() -> None:
     recons, target, case = _image_data(20)
     rng = np.random.default_rng(0)
     weights = np.vstack([np.eye(4), rng.dirichlet(np.ones(4), 7)])
-    scorer = ensemble._SSIMScorer(recons, target, case)
+    scorer = ensemble.SSIMScorer(recons, target, case)
     naive = [
         reconstruction_scores(ensemble.combine_images(recons, wt), target, case)["ssim"]
         for wt in weights
@@ -318,7 +318,8 @@ def test_a_search_below_the_best_single_model_is_an_error_naming_the_method(
     """The promise is an explicit check (it survives ``python -O``), not an assert."""
     probs, target, case = _random_data(3)
     broken = ensemble.SearchResult("random", np.full(3, 1 / 3), -1.0, 1)
-    monkeypatch.setattr(ensemble, "_pool_search", lambda *a, **k: broken)
+    # the module, not the package's ``search`` (the function of the same name)
+    monkeypatch.setattr(optimise, "pool_search", lambda *a, **k: broken)
     with pytest.raises(ensemble.SearchGuaranteeError, match="'random': val score -1.000000 is"):
         search_weights(probs, target, case, method="random", n_random=5, seed=0)
 

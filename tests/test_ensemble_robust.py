@@ -299,7 +299,7 @@ def test_groups_not_constant_within_a_case_are_a_data_error() -> None:
 def test_crossfit_robust_subsets_groups_per_fold(kind: str) -> None:
     if kind == "segmentation":
         probs, target, case, groups = _segmentation_two_groups(5)
-        obj: ensemble._Objective = SegmentationObjective(probs, target, case, groups)
+        obj: ensemble.Objective = SegmentationObjective(probs, target, case, groups)
     else:
         recons, target, case, groups, _ = _image_two_groups(5)
         obj = ImageObjective(recons, target, case, groups)

@@ -26,15 +26,23 @@ from tiny_project import (
 )
 from torch import nn
 
-from mri_ensemble import ensemble
-from mri_ensemble import predict as pr
+from mri_ensemble import ensemble, inference
+from mri_ensemble import project as layout
 from mri_ensemble.cli import main
-from mri_ensemble.data.acdc import center_crop_or_pad, resample_inplane
 from mri_ensemble.data.fastmri import prepare_volume, read_fastmri, write_fastmri
+from mri_ensemble.data.grid import (
+    center_crop_or_pad,
+    from_grid,
+    labels_to_grid,
+    resample_inplane,
+    to_grid,
+)
 from mri_ensemble.ensemble import combine, combine_images
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.mri.fft import ifft2c, rss
 from mri_ensemble.mri.masks import MaskSpec, volume_mask
+from mri_ensemble.tasks import reconstruction as rec
+from mri_ensemble.tasks import segmentation as seg
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +76,11 @@ class Levels(nn.Module):
         return -((x - self.levels) ** 2) * 1000.0
 
 
-def levels_predictor(size: int, spacing_mm: float) -> pr.Predictor:
+def levels_predictor(size: int, spacing_mm: float) -> inference.Predictor:
     settings = {"source": "phantom", "size": size, "spacing_mm": spacing_mm}
-    return pr.Predictor("segmentation", [pr.Member("levels", Levels())], settings, "levels")
+    return inference.Predictor(
+        "segmentation", [inference.Member("levels", Levels())], settings, "levels"
+    )
 
 
 def near_edges(levels: np.ndarray, px: int) -> np.ndarray:
@@ -99,7 +109,7 @@ def test_labels_come_back_on_the_input_grid_through_crop_pad_and_resampling(tmp_
     path = tmp_path / "levels.nii"
     nib.save(img, path)
 
-    result = pr.segment_nifti(levels_predictor(40, 1.6), path)
+    result = seg.segment_nifti(levels_predictor(40, 1.6), path)
 
     assert result.labels.shape == levels.shape and result.labels.dtype == np.uint8
     assert result.spacing == pytest.approx((8.0, 0.9, 1.2))
@@ -116,19 +126,55 @@ def test_labels_come_back_on_the_input_grid_through_crop_pad_and_resampling(tmp_
 
 
 def test_label_mapping_exactly_inverts_ingest_geometry():
-    """Network-grid labels -> input grid -> ingest's own nearest-neighbour resampling and
-    crop/pad gives the same labels back, pixel for pixel (input pixels smaller than the
-    network's: y 0.9 mm cropped, x 1.2 mm padded, to 40 px of 1.6 mm)."""
+    """Network-grid labels -> input grid -> ingest's own forward for labels (the same
+    :mod:`~mri_ensemble.data.grid` pair) gives the same labels back, pixel for pixel (input
+    pixels smaller than the network's: y 0.9 mm cropped, x 1.2 mm padded, to 40 px of 1.6 mm)."""
     slices = np.zeros((2, 130, 40), np.float32)  # (S, H, W): only the grid matters
-    settings = {"source": "phantom", "size": 40, "spacing_mm": 1.6}
-    _, grid = pr.to_network_grid(slices, (0.9, 1.2), settings)
-    assert grid.resampled_hw == (73, 30)  # H cropped to 40, W padded to 40 (5 + 30 + 5)
+    _, g = to_grid(slices, (0.9, 1.2), 40, 1.6)
+    assert g.resampled_hw == (73, 30)  # H cropped to 40, W padded to 40 (5 + 30 + 5)
     net = np.random.default_rng(0).integers(0, 4, (2, 40, 40)).astype(np.uint8)
-    back = pr.from_network_grid(net, grid)
+    back = from_grid(net, g)
     assert back.shape == slices.shape and back.dtype == np.uint8
-    again = center_crop_or_pad(resample_inplane(back, (0.9, 1.2), 1.6, order=0), 40, fill=0)
+    again = labels_to_grid(back, g)
     np.testing.assert_array_equal(again[:, :, 5:35], net[:, :, 5:35])
     assert (again[:, :, :5] == 0).all() and (again[:, :, 35:] == 0).all()
+    # the labels functions are the ones the primitives compose (ingest used them inline)
+    inline = center_crop_or_pad(resample_inplane(back, (0.9, 1.2), 1.6, order=0), 40, fill=0)
+    np.testing.assert_array_equal(again, inline)
+
+
+@pytest.mark.parametrize("spacing_hw", [(1.25, 1.25), (1.6, 1.6), (0.7, 2.3)])
+def test_grid_round_trip_keeps_every_label_inside_the_field_of_view(spacing_hw):
+    """Input labels -> network grid -> back: unchanged wherever the network sees them (the
+    whole image when it fits; nearest neighbour both ways, pixel centres aligned)."""
+    rng = np.random.default_rng(1)
+    labels = np.kron(rng.integers(0, 4, (3, 8, 6)), np.ones((1, 4, 4), np.int64)).astype(np.uint8)
+    _, g = to_grid(labels.astype(np.float32), spacing_hw, 64, 1.25)
+    back = from_grid(labels_to_grid(labels, g), g)
+    assert back.shape == labels.shape
+    if spacing_hw == (1.25, 1.25):  # same pixel size, padded only: exact
+        np.testing.assert_array_equal(back, labels)
+    else:  # resampled twice with nearest neighbour: only the blocks' edges may move
+        assert (back != labels).mean() < 0.2
+
+
+def test_ingest_brings_a_scan_to_the_grid_predict_uses(tmp_path: Path):
+    """ACDC ingest and predict share one forward: a phantom frame read by ingest equals
+    :func:`to_grid` / :func:`labels_to_grid` on the raw NIfTI arrays."""
+    from mri_ensemble.data.acdc import read_patient
+    from mri_ensemble.data.phantom import write_acdc_phantom
+
+    write_acdc_phantom(tmp_path / "acdc", n_patients=1, seed=2, n_frames=2, write_4d=False)
+    folder = tmp_path / "acdc" / "training" / "patient001"
+    ed = read_patient(folder, size=40, spacing_mm=1.6)[0]
+    img = nib.load(folder / "patient001_frame01.nii.gz")
+    gt = nib.load(folder / "patient001_frame01_gt.nii.gz")
+    dx, dy, _ = (round(float(z), 6) for z in img.header.get_zooms()[:3])  # as ingest reads them
+    slices = np.transpose(np.asarray(img.dataobj, np.float32), (2, 1, 0))
+    images, g = to_grid(slices, (dy, dx), 40, 1.6)
+    labels = labels_to_grid(np.transpose(np.asarray(gt.dataobj), (2, 1, 0)), g)
+    np.testing.assert_array_equal(ed.image, images)
+    np.testing.assert_array_equal(ed.label, labels)
 
 
 def test_segment_nifti_cli_keeps_affine_header_and_shape(project: Path, capsys, tmp_path: Path):
@@ -151,21 +197,21 @@ def test_segment_nifti_cli_keeps_affine_header_and_shape(project: Path, capsys, 
 
 
 def test_2d_and_4d_nifti_and_uncompressed_output(project: Path, tmp_path: Path):
-    predictor = pr.load_predictor(project, "segmentation", "unet", "cpu")
+    predictor = inference.load_predictor(project, "segmentation", "unet", "cpu")
     src = nib.load(project / "scan.nii.gz")
     data = np.asarray(src.dataobj)
     cine = tmp_path / "cine.nii.gz"
     nib.save(nib.Nifti1Image(np.stack([data, data[::-1]], axis=-1), src.affine), cine)
-    result = pr.segment_nifti(predictor, cine)
+    result = seg.segment_nifti(predictor, cine)
     assert result.labels.shape == data.shape  # the first frame's
-    first = pr.segment_nifti(predictor, project / "scan.nii.gz")
+    first = seg.segment_nifti(predictor, project / "scan.nii.gz")
     assert np.array_equal(result.labels, first.labels)
 
     flat = tmp_path / "slice.nii"
     nib.save(nib.Nifti1Image(data[..., 4], src.affine), flat)
-    result = pr.segment_nifti(predictor, flat)
+    result = seg.segment_nifti(predictor, flat)
     assert result.labels.shape == data.shape[:2]
-    pr.save_labels_nifti(result.labels, result.scan, tmp_path / "out.nii")  # type: ignore[arg-type]
+    seg.save_labels_nifti(result.labels, result.scan, tmp_path / "out.nii")  # type: ignore[arg-type]
     back = nib.load(tmp_path / "out.nii")
     assert back.shape == data.shape[:2] and np.array_equal(back.affine, src.affine)
 
@@ -177,27 +223,27 @@ def test_png_slice_labels_have_the_image_size(tmp_path: Path):
     path = tmp_path / "slice.png"
     Image.fromarray(levels * 85).save(path)
     predictor = levels_predictor(32, 1.6)
-    result = pr.segment_image(predictor, path)
+    result = seg.segment_image(predictor, path)
     assert result.labels.shape == levels.shape
     wrong = result.labels != levels
     assert not (wrong & ~near_edges(levels[..., None].astype(float), 2)[..., 0]).any()
     out = tmp_path / "labels.png"
-    pr.save_labels_png(result.labels, out)
+    seg.save_labels_png(result.labels, out)
     assert np.array_equal(np.asarray(Image.open(out)), result.labels)
     # with a pixel size it is resampled and cropped like a NIfTI slice
-    resampled = pr.segment_image(predictor, path, pixel_mm=1.0)
+    resampled = seg.segment_image(predictor, path, pixel_mm=1.0)
     assert resampled.labels.shape == levels.shape
     assert (resampled.labels[:, :4] == 0).all()  # 70 px of 1 mm > 32 px of 1.6 mm: cropped
 
 
 def test_segmentation_ensemble_is_the_weighted_mean_of_its_members(project: Path):
-    ensemble = pr.load_predictor(project, "segmentation")
-    assert ensemble.name == pr.ENSEMBLE
+    ensemble = inference.load_predictor(project, "segmentation")
+    assert ensemble.name == layout.ENSEMBLE
     assert [m.name for m in ensemble.members] == list(SEG_WEIGHTS)
     images = np.random.default_rng(0).random((5, 32, 32), dtype=np.float32)
-    probs = pr.predict_probabilities(ensemble, images, batch_size=2)
+    probs = seg.ensemble_probabilities(ensemble, images, batch_size=2)
     members = [
-        pr.predict_probabilities(pr.load_predictor(project, "segmentation", m), images)
+        seg.ensemble_probabilities(inference.load_predictor(project, "segmentation", m), images)
         for m in SEG_WEIGHTS
     ]
     expected = combine(np.stack(members), np.array(list(SEG_WEIGHTS.values())))
@@ -226,40 +272,40 @@ def test_per_class_weights_and_majority_vote(project: Path, tmp_path: Path):
     images = np.random.default_rng(1).random((3, 32, 32), dtype=np.float32)
     members = np.stack(
         [
-            pr.predict_probabilities(pr.load_predictor(project, "segmentation", m), images)
+            seg.ensemble_probabilities(inference.load_predictor(project, "segmentation", m), images)
             for m in ("unet", "small")
         ]
     )
     root = _with_ensemble(
         project, tmp_path, "segmentation", {"method": "per_class", "weights": per_class}
     )
-    predictor = pr.load_predictor(root, "segmentation")
+    predictor = inference.load_predictor(root, "segmentation")
     assert predictor.weights.shape == (2, 4)
     matrix = np.array([[per_class[m][c] for c in names] for m in ("unet", "small")])
     np.testing.assert_array_equal(
-        pr.predict_labels(predictor, images), combine(members, matrix).argmax(1)
+        seg.ensemble_labels(predictor, images), combine(members, matrix).argmax(1)
     )
     (root / "reports" / "segmentation" / "ensemble.json").write_text(
         json.dumps({"method": "vote", "weights": {"unet": 0.5, "small": 0.5}})
     )
-    predictor = pr.load_predictor(root, "segmentation")
+    predictor = inference.load_predictor(root, "segmentation")
     assert "majority vote" in predictor.describe()
-    np.testing.assert_array_equal(pr.predict_labels(predictor, images), vote(members))
+    np.testing.assert_array_equal(seg.ensemble_labels(predictor, images), vote(members))
     with pytest.raises(ConfigError, match="majority-vote"):
-        pr.predict_probabilities(predictor, images)
+        seg.ensemble_probabilities(predictor, images)
 
 
 def test_reconstruction_ensembles_take_one_weight_per_model(project: Path, tmp_path: Path):
     weights = {"varnet": {"a": 1.0}, "attention_unet": {"a": 1.0}}
     root = _with_ensemble(project, tmp_path, "reconstruction", {"method": "x", "weights": weights})
     with pytest.raises(DataError, match="one weight per model"):
-        pr.load_predictor(root, "reconstruction")
+        inference.load_predictor(root, "reconstruction")
 
 
 def test_members_below_min_weight_are_not_run(project: Path, tmp_path: Path):
     weights = {"unet": 1e-12, "small": 1.0}
     root = _with_ensemble(project, tmp_path, "segmentation", {"method": "x", "weights": weights})
-    assert [m.name for m in pr.load_predictor(root, "segmentation").members] == ["small"]
+    assert [m.name for m in inference.load_predictor(root, "segmentation").members] == ["small"]
 
 
 def test_reconstruction_cli_writes_the_submission_layout(project: Path, capsys, tmp_path: Path):
@@ -283,15 +329,17 @@ def test_reconstruction_cli_writes_the_submission_layout(project: Path, capsys, 
 
 def test_reconstruction_ensemble_mask_zero_filled_and_target(project: Path):
     path = project / "file_brain_AXT1_tiny.h5"
-    ensemble = pr.load_predictor(project, "reconstruction")
-    result = pr.reconstruct_file(ensemble, path)
+    ensemble = inference.load_predictor(project, "reconstruction")
+    result = rec.reconstruct_file(ensemble, path)
     spec = MaskSpec("equispaced_fraction", (0.25,), (2,))
     assert np.array_equal(result.mask, volume_mask(spec, 24, 3, path.stem))  # as ingest draws it
     assert result.acceleration == pytest.approx(24 / result.mask.sum())
     assert result.target is not None and result.target.shape == (2, 32, 24)
     assert result.zero_filled.shape == (2, 32, 24)
     members = [
-        pr.reconstruct_file(pr.load_predictor(project, "reconstruction", m), path).reconstruction
+        rec.reconstruct_file(
+            inference.load_predictor(project, "reconstruction", m), path
+        ).reconstruction
         for m in RECON_WEIGHTS
     ]
     expected = combine_images(np.stack(members), np.array(list(RECON_WEIGHTS.values())))
@@ -308,12 +356,12 @@ def test_undersampled_file_uses_its_own_mask(project: Path, tmp_path: Path):
         hf["kspace"][...] = hf["kspace"][()] * mask
         hf["mask"] = mask
         del hf["reconstruction_rss"]  # a test file: no target
-    predictor = pr.load_predictor(project, "reconstruction", "varnet")
-    result = pr.reconstruct_file(predictor, Path(path))
+    predictor = inference.load_predictor(project, "reconstruction", "varnet")
+    result = rec.reconstruct_file(predictor, Path(path))
     assert result.mask_source == "file" and np.array_equal(result.mask, mask)
     assert result.target is None
     f = read_fastmri(Path(path))
-    kspace, _, _, _ = pr.prepare_input(f, predictor.settings, 0)
+    kspace, _, _, _ = rec.prepare_input(f, predictor.settings, 0)
     assert np.abs(kspace[..., ~mask]).max() < 1e-4 * np.abs(kspace).max()  # lines stay missing
     np.testing.assert_allclose(result.zero_filled, rss(ifft2c(kspace)), rtol=1e-4, atol=1e-6)
 
@@ -324,32 +372,32 @@ def test_undersampled_file_of_another_width_is_refused(project: Path, tmp_path: 
     write_fastmri(path, kspace)
     with h5py.File(path, "a") as hf:
         hf["mask"] = np.arange(28) % 2 == 0
-    predictor = pr.load_predictor(project, "reconstruction", "varnet")
+    predictor = inference.load_predictor(project, "reconstruction", "varnet")
     with pytest.raises(DataError, match="already undersampled.*width 24"):
-        pr.reconstruct_file(predictor, path)
+        rec.reconstruct_file(predictor, path)
 
 
 def test_loading_errors_name_what_is_wrong(project: Path, tmp_path: Path):
     with pytest.raises(
         ConfigError, match="unknown segmentation model 'nope'; trained: small, unet"
     ):
-        pr.load_predictor(project, "segmentation", "nope")
+        inference.load_predictor(project, "segmentation", "nope")
     empty = make_project(tmp_path / "empty", trained=False)
     with pytest.raises(DataError, match="no trained reconstruction models yet.*make run"):
-        pr.load_predictor(empty, "reconstruction")
-    assert pr.model_choices(empty, "segmentation") == []
-    assert pr.model_choices(project, "segmentation") == ["ensemble", "small", "unet"]
+        inference.load_predictor(empty, "reconstruction")
+    assert layout.model_choices(empty, "segmentation") == []
+    assert layout.model_choices(project, "segmentation") == ["ensemble", "small", "unet"]
     no_weights = tmp_path / "no_weights"
     shutil.copytree(project / "models", no_weights / "models")
     shutil.copy(project / "params.yaml", no_weights)
     with pytest.raises(DataError, match="no ensemble weights.*make run"):
-        pr.load_predictor(no_weights, "segmentation")
-    assert pr.load_predictor(no_weights, "segmentation", "unet").name == "unet"
+        inference.load_predictor(no_weights, "segmentation")
+    assert inference.load_predictor(no_weights, "segmentation", "unet").name == "unet"
     broken = tmp_path / "broken"
     shutil.copytree(no_weights, broken)
     (broken / "models" / "segmentation" / "unet" / "best.pt").write_bytes(b"not torch")
     with pytest.raises(DataError, match="best.pt: unreadable checkpoint"):
-        pr.load_predictor(broken, "segmentation", "unet")
+        inference.load_predictor(broken, "segmentation", "unet")
 
 
 def _input(project: Path, tmp_path: Path, name: str, payload: bytes | None) -> Path:
@@ -417,18 +465,75 @@ def test_fused_reconstruction_gets_data_consistency_when_the_ensemble_chose_it(
 
     path = project / "file_brain_AXT1_tiny.h5"
     report = {"weights": RECON_WEIGHTS, "method": "random+nelder_mead"}
-    plain = pr.reconstruct_file(pr.load_predictor(project, "reconstruction"), path)
+    plain = rec.reconstruct_file(inference.load_predictor(project, "reconstruction"), path)
     root = _with_ensemble(
         project, tmp_path, "reconstruction", {**report, "data_consistency": {"on": True}}
     )
-    fused = pr.load_predictor(root, "reconstruction")
+    fused = inference.load_predictor(root, "reconstruction")
     assert fused.data_consistency
-    dc = pr.reconstruct_file(fused, path)
+    dc = rec.reconstruct_file(fused, path)
     kspace, _ = prepare_volume(read_fastmri(path), (32, 24), 4)  # the predictor's grid
     masked = (kspace * plain.mask).astype(np.complex64)
     masks = np.repeat(plain.mask[None], len(masked), 0)
     expected = consistent_image_np(plain.reconstruction, masked, masks)
     np.testing.assert_allclose(dc.reconstruction, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(dc.reconstruction, plain.reconstruction, rtol=1e-3)
-    single = pr.load_predictor(root, "reconstruction", "varnet")  # one model: its own DC only
+    single = inference.load_predictor(
+        root, "reconstruction", "varnet"
+    )  # one model: its own DC only
     assert not single.data_consistency
+
+
+def test_cli_predicts_a_folder_loading_the_members_once(
+    project: Path, tmp_path: Path, capsys, monkeypatch
+):
+    """``-i FOLDER -o FOLDER`` (nnU-Net's predict): one output per input under its own name,
+    the members loaded once; a corrupt file gets nothing, is named, and the rest go on."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(project / "scan.nii.gz", scans / "a.nii.gz")
+    nib.save(nib.load(project / "scan.nii.gz"), scans / "b.nii")  # its suffix is kept
+    Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 251).astype(np.uint8)).save(
+        scans / "c.jpg"
+    )
+    (scans / "corrupt.nii.gz").write_bytes(gzip.compress(b"x" * 400))
+    (scans / "notes.txt").write_text("not an input")  # not a segmentation input: ignored
+    loads = []
+    real = inference.load_predictor
+    monkeypatch.setattr(inference, "load_predictor", lambda *a: loads.append(a) or real(*a))
+    out = tmp_path / "labels"
+    code, stdout, err = run_cli(
+        capsys, "predict", "--task", "segmentation", "-i", scans, "-o", out, "--root", project,
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 2 and len(loads) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii", "c.png"]
+    assert "3 of 4 written" in stdout and "corrupt.nii.gz: expected a readable NIfTI" in stdout
+    single = tmp_path / "single.nii.gz"
+    assert run_cli(capsys, "predict", "--task", "segmentation", "--input", scans / "a.nii.gz",
+                   "--output", single, "--root", project, "--no-progress")[0] == 0  # fmt: skip
+    assert (out / "a.nii.gz").read_bytes() == single.read_bytes()
+    assert not list(out.glob(".*"))  # no temporaries or locks left
+    # several files (not a folder) go to a folder too; all good: exit 0
+    code, stdout, _ = run_cli(
+        capsys, "predict", "--task", "segmentation", "-i", scans / "a.nii.gz", scans / "c.jpg",
+        "-o", tmp_path / "two", "--root", project, "--no-progress",
+    )  # fmt: skip
+    assert code == 0 and "2 of 2 written" in stdout
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["a.nii.gz", "c.png"]
+
+
+def test_cli_batch_errors_before_any_model_loads(project: Path, tmp_path: Path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    code, _, err = run_cli(capsys, "predict", "--task", "reconstruction", "-i", empty, "-o",
+                           tmp_path / "o", "--root", project)  # fmt: skip
+    assert code == 2 and "no reconstruction inputs in this folder" in err
+    afile = tmp_path / "taken.h5"
+    afile.write_text("a file")
+    shutil.copy(project / "file_brain_AXT1_tiny.h5", empty / "x.h5")
+    code, _, err = run_cli(capsys, "predict", "--task", "reconstruction", "-i", empty, "-o",
+                           afile, "--root", project)  # fmt: skip
+    assert code == 2 and "expected a folder for 1 inputs, found a file" in err
+    assert afile.read_text() == "a file"

@@ -22,7 +22,7 @@ from mri_ensemble.mri.fft import fft2c, ifft2c, rss, tifft2c, trss
 from mri_ensemble.mri.grappa import grappa_image
 from mri_ensemble.mri.masks import MaskSpec, volume_mask
 from mri_ensemble.mri.quality import SSIMLoss, reconstruction_scores
-from mri_ensemble.reconstruction import (
+from mri_ensemble.tasks.reconstruction import (
     ReconDataset,
     augment_flip,
     input_scale,

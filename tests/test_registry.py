@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from tiny_project import make_project
 
-from mri_ensemble.predict import load_predictor, predict_labels
+from mri_ensemble.inference import load_predictor
+from mri_ensemble.tasks.segmentation import ensemble_labels
 from stages.registry import ALIAS, register_ensemble, registered_name
 
 
@@ -52,5 +53,36 @@ def test_register_load_and_champion_alias(tmp_path: Path, store) -> None:
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@{ALIAS}")
     images = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
-    expected = predict_labels(load_predictor(root, "segmentation", "ensemble", "cpu"), images)
+    expected = ensemble_labels(load_predictor(root, "segmentation", "ensemble", "cpu"), images)
     np.testing.assert_array_equal(model.predict(images), expected)
+
+
+def test_cli_predicts_from_the_registry_as_from_the_project(tmp_path: Path, store, capsys) -> None:
+    """``mri-ensemble predict --model-uri models:/...@champion`` downloads the registered
+    bundle and writes the same labels as ``--root`` on the project it came from."""
+    from tiny_project import phantom_nifti
+
+    from mri_ensemble.cli import main
+
+    root = make_project(tmp_path / "project")
+    _scores(root, 0.80)
+    register_ensemble(root, "segmentation")
+    scan = phantom_nifti(tmp_path)
+    main(["predict", "--task", "segmentation", "-i", str(scan), "-o", str(tmp_path / "a.nii.gz"),
+          "--root", str(root), "--no-progress"])  # fmt: skip
+    uri = f"models:/{registered_name('segmentation')}@{ALIAS}"
+    main(["predict", "--model-uri", uri, "-i", str(scan), "-o", str(tmp_path / "b.nii.gz"),
+          "--no-progress"])  # fmt: skip
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+    assert "segmentation ensemble" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--task", "reconstruction", "--model-uri", uri, "-i", str(scan),
+              "-o", str(tmp_path / "c.h5")])  # fmt: skip
+    assert exc.value.code == 2
+    assert "the registered model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--model-uri", "models:/no-such-model@champion", "-i", str(scan),
+              "-o", str(tmp_path / "d.nii.gz")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model-uri models:/no-such-model@champion: could not fetch")
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "d.nii.gz").exists()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mri_ensemble.data.acdc import split_patients
+from mri_ensemble.data.ingest import stratified_split
 from mri_ensemble.data.prepared import scored_splits, shifted_names
 from mri_ensemble.data.prepared_recon import contrast_group, contrast_groups
-from stages.ingest import stratified_split
 from stages.report import shifted_block
 
 

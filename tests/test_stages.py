@@ -253,18 +253,20 @@ def test_mixup_on_a_reconstruction_model_is_one_line(tmp_path):
     "folds, ok", [(0, True), (2, True), (1, False), (-1, False), (True, False)]
 )
 def test_crossfit_folds_zero_is_the_only_way_to_skip_cross_fitting(folds, ok):
+    from mri_ensemble.tasks import TASKS
     from stages.ensemble import search_configs
 
     p = {"method": "mean", "crossfit_folds": folds}
     if ok:
-        assert search_configs(p, "segmentation", 0)[1] == folds
+        assert search_configs(p, TASKS["segmentation"], 0)[1] == folds
     else:
         with pytest.raises(ConfigError, match="crossfit_folds should be an int >= 2 \\(or 0"):
-            search_configs(p, "segmentation", 0)
+            search_configs(p, TASKS["segmentation"], 0)
 
 
 def test_a_val_split_of_one_case_is_an_error_unless_cross_fitting_is_off():
-    from stages.ensemble import run_method
+    from mri_ensemble.ensemble.evaluation import run_method
+    from mri_ensemble.tasks import TASKS
 
     rng = np.random.default_rng(0)
     target = rng.integers(0, 4, (4, 8, 8)).astype(np.uint8)
@@ -275,8 +277,8 @@ def test_a_val_split_of_one_case_is_an_error_unless_cross_fitting_is_off():
     with pytest.raises(
         DataError, match="ensemble@segmentation: method 'mean': cross-fitting needs"
     ):
-        run_method("segmentation", t, cfg, 3, ["a", "b"])
-    assert run_method("segmentation", t, cfg, 0, ["a", "b"])["crossfit"] == {}
+        run_method(TASKS["segmentation"], t, cfg, 3, ["a", "b"])
+    assert run_method(TASKS["segmentation"], t, cfg, 0, ["a", "b"])["crossfit"] == {}
 
 
 def test_every_stage_runs_numpy_blas_on_one_thread():

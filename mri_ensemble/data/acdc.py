@@ -15,7 +15,8 @@ A NIfTI array indexed ``(x, y, z)`` with zooms ``(dx, dy, dz)`` becomes an array
 ``(S, H, W) = (z, y, x)`` (``np.transpose(data, (2, 1, 0))``, no flips), so that image rows run
 along y and columns along x. Each slice is then resampled in-plane to ``spacing_mm`` (image:
 linear, label: nearest neighbour; slices are never interpolated across), intensity-normalised
-(:func:`normalize_intensity`) and centre-cropped / padded to ``size`` x ``size``.
+and centre-cropped / padded to ``size`` x ``size``: :func:`mri_ensemble.data.grid.to_grid`,
+the forward that predict uses on a user's scan (and inverts for its labels).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from nibabel.wrapstruct import WrapStructError
-from scipy import ndimage
 from tqdm import tqdm
 
 from mri_ensemble.errors import ConfigError, DataError
+
+from .grid import labels_to_grid, resampled_hw, to_grid
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ _PATIENT_RE = re.compile(r"^patient\d+$", re.IGNORECASE)  # patient001, Patient0
 INPLANE_SPACING_MM: tuple[float, float] = (0.05, 20.0)
 THROUGHPLANE_SPACING_MM: tuple[float, float] = (0.05, 100.0)
 MIN_INPLANE_PX = 4  # fewer pixels per in-plane axis than this cannot show a structure
-MAX_RESAMPLED_PX = 4096  # per in-plane axis after resampling to spacing_mm
 MAX_VOXELS = 2**27  # per volume (a frame): 512 MiB as float32, far above any MRI scan
 LABEL_MAP_VALUES = 4  # an integer image with at most this many distinct values is a label map
 _NIFTI_ERRORS = (
@@ -137,65 +138,6 @@ def read_info_cfg(path: Path) -> dict[str, str]:
             raise DataError(f"{path}: line {number}: expected 'Key: value', found {line!r}")
         info[key.strip()] = value.strip()
     return info
-
-
-def normalize_intensity(
-    image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0
-) -> np.ndarray:
-    """Clip to the [low_pct, high_pct] percentiles of ``image`` and scale that range to [0, 1].
-
-    Any shape in, float32 of the same shape out. A constant image maps to all zeros.
-    """
-    lo, hi = np.percentile(image, [low_pct, high_pct])
-    if not hi > lo:
-        return np.zeros(image.shape, dtype=np.float32)
-    out = (np.clip(image, lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32)
-
-
-def resample_inplane(
-    volume: np.ndarray, spacing_hw: tuple[float, float], target_mm: float, *, order: int
-) -> np.ndarray:
-    """Resample each slice of ``volume`` (S, H, W) from ``spacing_hw`` (dy, dx) to ``target_mm``.
-
-    Pixel centres are aligned (output pixel o samples input coordinate (o + 0.5) r - 0.5 with
-    r = target / spacing), so the field of view is kept and the output spacing is exactly
-    ``target_mm``. ``order`` 1 is linear (images), 0 nearest neighbour (labels).
-    Returns (S, round(H dy / target), round(W dx / target)) of the input dtype.
-    """
-    s, h, w = volume.shape
-    ratio_h = target_mm / spacing_hw[0]
-    ratio_w = target_mm / spacing_hw[1]
-    if abs(ratio_h - 1.0) < 1e-6 and abs(ratio_w - 1.0) < 1e-6:
-        return volume.copy()
-    out_shape = (s, max(1, round(h / ratio_h)), max(1, round(w / ratio_w)))
-    return ndimage.affine_transform(
-        volume,
-        np.array([1.0, ratio_h, ratio_w]),
-        offset=np.array([0.0, 0.5 * ratio_h - 0.5, 0.5 * ratio_w - 0.5]),
-        output_shape=out_shape,
-        order=order,
-        mode="nearest",
-    )
-
-
-def center_crop_or_pad(volume: np.ndarray, size: int, fill: float) -> np.ndarray:
-    """Centre-crop or pad the last two axes of ``volume`` (S, H, W) to (S, size, size).
-
-    Padding uses the constant ``fill``; odd differences put the extra row/column at the end.
-    """
-    out = volume
-    for axis in (1, 2):
-        n = out.shape[axis]
-        if n > size:
-            start = (n - size) // 2
-            out = np.take(out, np.arange(start, start + size), axis=axis)
-        elif n < size:
-            before = (size - n) // 2
-            pad = [(0, 0)] * out.ndim
-            pad[axis] = (before, size - n - before)
-            out = np.pad(out, pad, mode="constant", constant_values=fill)
-    return out
 
 
 def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -295,24 +237,6 @@ def check_contrast(path: Path, data: np.ndarray) -> None:
         raise DataError(f"{path}: the image is constant (every voxel {lo:g}): nothing to segment")
 
 
-def resampled_hw(
-    path: Path | str, shape_hw: tuple[int, int], spacing_hw: tuple[float, float], target: float
-) -> tuple[int, int]:
-    """(H, W) after :func:`resample_inplane` to ``target`` mm; DataError naming ``path``
-    when either exceeds :data:`MAX_RESAMPLED_PX` (an implausible field of view)."""
-    hw = (
-        max(1, round(shape_hw[0] * spacing_hw[0] / target)),
-        max(1, round(shape_hw[1] * spacing_hw[1] / target)),
-    )
-    if max(hw) > MAX_RESAMPLED_PX:
-        raise DataError(
-            f"{path}: resampled to {target:g} mm the image would be {hw[0]} x {hw[1]} pixels "
-            f"(limit {MAX_RESAMPLED_PX}); its field of view "
-            f"{shape_hw[0] * spacing_hw[0]:g} x {shape_hw[1] * spacing_hw[1]:g} mm is not an MRI slice"
-        )
-    return hw
-
-
 def _frame_path(folder: Path, stem: str) -> Path:
     """``folder/stem.nii.gz``, or ``folder/stem.nii`` when only that exists."""
     gz = folder / f"{stem}.nii.gz"
@@ -358,11 +282,8 @@ def _read_phase(
     dx, dy, dz = zooms
     image_shw = np.transpose(image.astype(np.float32), (2, 1, 0))  # (x, y, z) -> (S, H, W)
     label_shw = np.transpose(label, (2, 1, 0)).astype(np.uint8)  # (S, H, W)
-    image_shw = resample_inplane(image_shw, (dy, dx), spacing_mm, order=1)
-    label_shw = resample_inplane(label_shw, (dy, dx), spacing_mm, order=0)
-    image_shw = normalize_intensity(image_shw)  # over the whole field of view, before cropping
-    image_shw = center_crop_or_pad(image_shw, size, fill=float(image_shw.min()))
-    label_shw = center_crop_or_pad(label_shw, size, fill=0)
+    image_shw, grid = to_grid(image_shw, (dy, dx), size, spacing_mm, image_path)
+    label_shw = labels_to_grid(label_shw, grid)
     return Volume(
         case=f"{patient}_{phase}",
         patient=patient,

@@ -22,7 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .acdc import Volume, normalize_intensity
+from .acdc import Volume
+from .grid import normalize_intensity
 
 logger = logging.getLogger(__name__)
 

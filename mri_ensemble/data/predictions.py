@@ -8,7 +8,7 @@ strings. The ensemble reads these and never re-runs a network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +79,22 @@ def read_reconstructions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(recon).all():
         raise DataError(f"{path}: recon contains NaN or Inf")
     return recon, case
+
+
+def load_stack(
+    pred_dir: Path,
+    models: list[str],
+    split: str,
+    case: np.ndarray,
+    read: Callable[[Path], tuple[np.ndarray, np.ndarray]] = read_probabilities,
+) -> np.ndarray:
+    """Saved outputs of every model for ``split`` (``read``: probabilities -> (M, N, K, H, W),
+    or ``read_reconstructions`` -> (M, N, H, W)), checked against the prepared ``case``."""
+    stack = []
+    for m in models:
+        path = pred_dir / m / f"{split}.h5"
+        out, c = read(path)
+        if not np.array_equal(c, case):
+            raise DataError(f"{path}: case order differs from the prepared {split} set")
+        stack.append(out)
+    return np.stack(stack)
