@@ -32,8 +32,10 @@ lint: venv
 	ruff format --check .
 	mypy
 
+# two workers (pytest-xdist); modules that share a run or a server stay in one (conftest.py)
+TEST_WORKERS ?= 2
 test: venv lint
-	pytest
+	pytest -n $(TEST_WORKERS) --dist loadgroup
 
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -34,6 +34,7 @@ TIMEOUT_MS = 60_000
 pytestmark = [  # gradio 6.31's queue still uses pandas options that pandas 3 deprecates
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+    pytest.mark.xdist_group("app"),  # one worker holds the module's server and browser
 ]
 
 

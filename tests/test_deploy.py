@@ -1,23 +1,22 @@
-"""The Prefect deployments against a real local Prefect API, in a tiny copy of the project.
+"""The Prefect deployments against a real local Prefect API, in a copy of the tiny run.
 
-A ``prefect server start`` of its own (temporary home and database, a free port), then
-``python -m flows.deploy`` serving the deployments from the copy. The whole pipeline runs
-through its deployment first; then ``prefect deployment run
+The session's ``prefect server start`` (tests/conftest.py: temporary home and database, a
+free port), then ``python -m flows.deploy`` serving the deployments from a copy of the
+suite's tiny run. The whole pipeline runs through its deployment first (every stage is up
+to date, so DVC skips each one, and the flow run completes); then ``prefect deployment run
 'mri-ensemble-train-model/local' --param model=unet --watch`` (the documented command)
 retrains unet only, an unknown model fails the flow run listing the known ones, and a
 training that fails marks the flow run failed, naming the model, while the model trained
 beside it finishes and keeps its results. Two more run dvc_stage with a fake dvc: a
 transient failure is retried, a stage that rejected its params is not.
 
-The retry tests need the server only (``-k retried``: about 30 s). The rest takes 4 to 5
-minutes on 2 busy cores; leave it out with ``pytest --ignore=tests/test_deploy.py``.
+The retry tests need the server only (``-k retried``: about 30 s).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
@@ -38,7 +38,7 @@ from prefect.settings import (
     PREFECT_LOGGING_TO_API_ENABLED,
     temporary_settings,
 )
-from test_pipeline import ROOT, env_for, tiny_params
+from test_pipeline import env_for, tiny_params
 
 from flows.pipeline import dvc_stage
 
@@ -157,10 +157,13 @@ def prefect_server(tmp: Path) -> Iterator[Api]:
         stop(server)
 
 
+pytestmark = pytest.mark.xdist_group("tiny_run")  # the suite's tiny run and Prefect server
+
+
 @pytest.fixture(scope="module")
-def api(tmp_path_factory) -> Iterator[Api]:
-    with prefect_server(tmp_path_factory.mktemp("deploy")) as a:
-        yield a
+def api(prefect_api: Api, tmp_path_factory) -> Api:
+    """The session's Prefect server, with this module's folder and processes."""
+    return Api(prefect_api.url, tmp_path_factory.mktemp("deploy"), dict(prefect_api.procs))
 
 
 @dataclass
@@ -168,20 +171,15 @@ class Served:
     api: Api
     proj: Path
     env: dict[str, str]  # for prefect CLI calls against that API, in proj
+    pipeline_run: object  # the id of the pipeline deployment's flow run
 
 
 @pytest.fixture(scope="module")
-def served(api: Api) -> Iterator[Served]:
-    """The deployments served from a tiny project copy; its pipeline deployment run once."""
-    proj = api.tmp / "proj"
-    proj.mkdir()
-    for name in ("mri_ensemble", "stages", "flows"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", proj)
-    (proj / "params.yaml").write_text(yaml.safe_dump(deploy_params(), sort_keys=False))
+def served(api: Api, tiny_run: Path) -> Iterator[Served]:
+    """The deployments served from a copy of the suite's tiny run; its pipeline deployment
+    run once (every stage up to date: DVC skips them, the flow run completes)."""
+    proj = copy_project(tiny_run, api.tmp / "proj")
     env = {**env_for(proj), "PREFECT_API_URL": api.url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=proj, env=env, check=True, capture_output=True)
     log = api.tmp / "serve.log"
     serve = start([sys.executable, "-m", "flows.deploy"], proj, env, log)
     api.procs["flows.deploy"] = (serve, log)
@@ -200,7 +198,7 @@ def served(api: Api) -> Iterator[Served]:
         assert run.state is not None and run.state.is_completed(), (
             f"pipeline deployment: {run.state}\n{api.tail()}"
         )
-        yield Served(api, proj, env)
+        yield Served(api, proj, env, run.id)
     finally:
         stop(serve)
 
@@ -289,11 +287,13 @@ def test_deployment_ls_lists_both_deployments(served: Served):
 
 
 def test_pipeline_deployment_runs_the_whole_dag(served: Served):
-    for f in (
-        "reports/segmentation/metrics.json",
-        "reports/reconstruction/metrics.json",
-        "reports/report.md",
-    ):
+    """The served deployment ran the flow over every stage (DVC found each up to date)."""
+    keys = yaml.safe_load((served.proj / "params.yaml").read_text())["train"]
+    expected = {f"{s}@{k}" for k in keys for s in ("train", "evaluate")} | {
+        f"{s}@{t}" for t in ("segmentation", "reconstruction") for s in ("ingest", "ensemble")
+    } | {"report", "register segmentation", "register reconstruction"}  # fmt: skip
+    assert expected <= task_runs(served, served.pipeline_run)
+    for f in ("reports/segmentation/metrics.json", "reports/report.md"):
         assert (served.proj / f).is_file(), f
 
 

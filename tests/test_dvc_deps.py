@@ -10,6 +10,7 @@ never run and are not followed. ``NOT_DEPS`` names the one exception, MLflow log
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -99,7 +100,8 @@ def _reachable(uses: list[tuple[str, tuple[str, ...]]]) -> set[str]:
         reached |= grown
 
 
-def closure(root: Path, start: str) -> set[str]:
+@functools.cache
+def closure(root: Path, start: str) -> frozenset[str]:
     """Repository-relative paths of every project file that running ``start`` can import.
 
     A function's own imports (e.g. a task method's, :mod:`mri_ensemble.tasks`) count only
@@ -124,10 +126,11 @@ def closure(root: Path, start: str) -> set[str]:
             todo += sorted(imports_of(root, module, path, referenced))
         grown = _reachable([u for p in seen.values() for u in references_of(p)])
         if grown <= referenced:
-            return {p.relative_to(root).as_posix() for p in seen.values()}
+            return frozenset(p.relative_to(root).as_posix() for p in seen.values())
         referenced |= grown
 
 
+@functools.cache
 def stages_of(root: Path) -> list[tuple[str, str, list[str]]]:
     """(stage name, command, dep paths) for every stage dvc.yaml generates."""
     from dvc.repo import Repo

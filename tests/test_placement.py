@@ -92,19 +92,13 @@ printf '{"stage": "%s", "gpu": "%s", "threads": "%s", "start": %s, "end": %s, "p
 """
 
 
+pytestmark = pytest.mark.xdist_group("tiny_run")  # the session's Prefect server
+
+
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """One Prefect server for the module's flow runs (an ephemeral API per run is slower)."""
-    from test_deploy import prefect_server
-
-    with prefect_server(tmp_path_factory.mktemp("placement")) as a:
-        yield a
-        from prefect.events.worker import EventsWorker
-
-        # send this process's queued events while the server is up (else later tests
-        # see the worker's errors about a server that is gone)
-        with a.settings():
-            EventsWorker.drain_all(timeout=30)
+def api(prefect_api):
+    """The session's Prefect server (an ephemeral API per flow run is slower)."""
+    return prefect_api
 
 
 @pytest.fixture()
