@@ -17,8 +17,8 @@ load once and one progress bar runs over the files; a bad file is named, gets no
 written, and the batch goes on (exit status 2 at the end if any failed).
 
 Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2.
-This module is an entry point: it imports MLflow (for ``--model-uri`` only), which the
-library modules never do.
+``--model-uri`` runs MLflow's own ``mlflow artifacts download``: the library imports no
+MLflow.
 """
 
 from __future__ import annotations
@@ -104,20 +104,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def registry_project(uri: str, dest: Path) -> tuple[Path, str]:
     """Download a registered ensemble (``models:/<name>@<alias>`` or ``/<version>``) into
-    ``dest``; (its project folder, its task). ConfigError naming the URI when it fails."""
+    ``dest`` with MLflow's own command (``mlflow artifacts download``, against
+    ``MLFLOW_TRACKING_URI``; the library imports no MLflow); (its project folder, its task).
+    ConfigError naming the URI when it fails."""
     import json
+    import subprocess
 
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except (MlflowException, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"--model-uri {uri}: could not fetch it from the registry ({first})"
-        ) from exc
-    root = local / "artifacts" / "project"
+    cmd = [sys.executable, "-m", "mlflow", "artifacts", "download", "-u", uri, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise ConfigError(f"--model-uri {uri}: could not fetch it from the registry ({why})")
+    root = Path(proc.stdout.strip().splitlines()[-1]) / "artifacts" / "project"
     try:
         task = str(json.loads((root / "task.json").read_text())["task"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

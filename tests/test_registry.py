@@ -57,9 +57,13 @@ def test_register_load_and_champion_alias(tmp_path: Path, store) -> None:
     np.testing.assert_array_equal(model.predict(images), expected)
 
 
-def test_cli_predicts_from_the_registry_as_from_the_project(tmp_path: Path, store, capsys) -> None:
-    """``mri-ensemble predict --model-uri models:/...@champion`` downloads the registered
-    bundle and writes the same labels as ``--root`` on the project it came from."""
+def test_cli_predicts_from_the_registry_as_from_the_project(
+    tmp_path: Path, store, capsys, monkeypatch
+) -> None:
+    """``mri-ensemble predict --model-uri models:/...@champion`` (``MLFLOW_TRACKING_URI``'s
+    registry) downloads the registered bundle and writes the same labels as ``--root`` on
+    the project it came from."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from tiny_project import phantom_nifti
 
     from mri_ensemble.cli import main
