@@ -414,7 +414,7 @@ def _input(project: Path, tmp_path: Path, name: str, payload: bytes | None) -> P
     ("task", "name", "payload", "out_name", "extra", "expected"),
     [
         ("segmentation", "missing.nii.gz", None, "o.nii.gz", (), "missing.nii.gz: input file not found"),
-        ("segmentation", "bad.nii.gz", gzip.compress(b"x" * 400), "o.nii.gz", (), "bad.nii.gz: expected a readable NIfTI file, found a corrupt one"),
+        ("segmentation", "bad.nii.gz", gzip.compress(b"x" * 400, mtime=0), "o.nii.gz", (), "bad.nii.gz: expected a readable NIfTI file, found a corrupt one"),
         ("segmentation", "bad.nii.gz", b"\x00" * 10, "o.nii.gz", (), "bad.nii.gz: expected a readable NIfTI file"),
         ("segmentation", "bad.png", b"\x89PNG\r\n\x1a\nbroken", "o.png", (), "bad.png: expected a readable PNG/JPEG image"),
         ("segmentation", "notes.txt", b"hello", "o.nii.gz", (), "notes.txt: wrong file type (.txt)"),
@@ -496,7 +496,7 @@ def test_cli_predicts_a_folder_loading_the_members_once(
     Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 251).astype(np.uint8)).save(
         scans / "c.jpg"
     )
-    (scans / "corrupt.nii.gz").write_bytes(gzip.compress(b"x" * 400))
+    (scans / "corrupt.nii.gz").write_bytes(gzip.compress(b"x" * 400, mtime=0))
     (scans / "notes.txt").write_text("not an input")  # not a segmentation input: ignored
     loads = []
     real = inference.load_predictor
