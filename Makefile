@@ -32,10 +32,10 @@ lint: venv
 	ruff format --check .
 	mypy
 
-# two workers (pytest-xdist); modules that share a run or a server stay in one (conftest.py)
+# two workers (pytest-xdist), each module in one; the tiny run is built once for both (conftest.py)
 TEST_WORKERS ?= 2
 test: venv lint
-	pytest -n $(TEST_WORKERS) --dist loadgroup
+	pytest -n $(TEST_WORKERS) --dist loadfile
 
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

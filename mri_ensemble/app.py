@@ -85,6 +85,23 @@ def overlay(
     return np.concatenate([left, gap, right], axis=1)
 
 
+def uncertainty_overlay(
+    image: np.ndarray, unsure: np.ndarray, top: float, lo: float, hi: float
+) -> np.ndarray:
+    """The slice and the slice with its uncertainty (0 .. ``top``) blended in as a heat map
+    (magma; the more uncertain, the more opaque), side by side (upscaled), uint8 RGB."""
+    from matplotlib import colormaps
+
+    grey = _grey(image, lo, hi)
+    level = np.clip(np.asarray(unsure, np.float32) / (top if top > 0 else 1.0), 0.0, 1.0)
+    heat = colormaps["magma"](level)[..., :3].astype(np.float32) * 255
+    a = (0.85 * level)[..., None]
+    blended = (1 - a) * grey.astype(np.float32) + a * heat
+    left, right = _upscale(grey), _upscale(blended.astype(np.uint8))
+    gap = np.full((left.shape[0], 6, 3), 255, np.uint8)
+    return np.concatenate([left, gap, right], axis=1)
+
+
 def legend_html(
     class_names: list[str], labels: np.ndarray, slice_labels: np.ndarray, voxel_ml: float | None
 ) -> str:
@@ -182,18 +199,32 @@ def _stem(path: Path) -> str:
 # ---------------------------------------------------------------------------- segmentation
 
 
-def _seg_view(state: dict[str, Any], index: int) -> tuple[np.ndarray, str]:
+def _seg_view(
+    state: dict[str, Any], index: int, uncertainty: bool = False
+) -> tuple[np.ndarray, str]:
+    """The slice's overlay: its labels, or (``uncertainty``) its entropy map as a heat map."""
     slices, labels = state["slices"], state["slice_labels"]
     i = int(np.clip(index, 0, len(slices) - 1))
-    image = overlay(slices[i], labels[i], len(state["class_names"]), state["lo"], state["hi"])
     legend = legend_html(state["class_names"], labels, labels[i], state["voxel_ml"])
+    unsure = state.get("slice_uncertainty")
+    if uncertainty and unsure is not None:
+        top = float(np.log(max(2, len(state["class_names"]))))
+        image = uncertainty_overlay(slices[i], unsure[i], top, state["lo"], state["hi"])
+        here = float(unsure[i].mean())
+        legend += (
+            '<p class="uncertainty-note">Uncertainty: the predictive entropy of the fused '
+            f"probabilities, dark 0 to bright log {len(state['class_names'])} = {top:.2f} nats; "
+            f"this slice's mean {here:.3f}.</p>"
+        )
+        return image, legend
+    image = overlay(slices[i], labels[i], len(state["class_names"]), state["lo"], state["hi"])
     return image, legend
 
 
 def _segment(
     predictors: _Predictors, out_base: Path
 ) -> Callable[[str | None, str | None], tuple[Any, ...]]:
-    def run(upload: str | None, choice: str | None) -> tuple[Any, ...]:
+    def run(upload: str | None, choice: str | None, unsure: bool = False) -> tuple[Any, ...]:
         hidden = (None, "", gr.Slider(visible=False), gr.DownloadButton(visible=False), None)
         if not upload:
             return ("Upload a NIfTI volume or a PNG/JPEG slice first.", *hidden)
@@ -214,6 +245,7 @@ def _segment(
         state = {
             "slices": result.slices,
             "slice_labels": result.slice_labels,
+            "slice_uncertainty": result.slice_uncertainty,
             "class_names": result.class_names,
             "lo": float(lo),
             "hi": float(hi),
@@ -221,7 +253,7 @@ def _segment(
         }
         n = len(result.slices)
         start = n // 2
-        image, legend = _seg_view(state, start)
+        image, legend = _seg_view(state, start, bool(unsure))
         shape = "x".join(map(str, result.labels.shape))
         message = (
             f"Segmented **{_escape(path.name)}** ({shape}) with the "
@@ -364,6 +396,11 @@ def build_app(root: Path | str = ".", device: str = "auto") -> gr.Blocks:
                             label="model", choices=[], elem_id="seg-model", interactive=True
                         )
                         seg_run = gr.Button("Segment", variant="primary", elem_id="seg-run")
+                        seg_unsure = gr.Checkbox(
+                            label="show uncertainty instead of labels",
+                            value=False,
+                            elem_id="seg-uncertainty",
+                        )
                 seg_message = gr.Markdown(elem_id="seg-message")
                 with gr.Row():
                     seg_image = gr.Image(
@@ -424,15 +461,16 @@ def build_app(root: Path | str = ".", device: str = "auto") -> gr.Blocks:
         demo.load(refresh, None, [seg_status, seg_model, rec_status, rec_model])
         seg_run.click(
             _segment(predictors, out_base),
-            [seg_file, seg_model],
+            [seg_file, seg_model, seg_unsure],
             [seg_message, seg_image, seg_legend, seg_slice, seg_download, seg_state],
         )
-        seg_slice.change(
-            lambda state, i: _seg_view(state, i) if state else (None, ""),
-            [seg_state, seg_slice],
-            [seg_image, seg_legend],
-            show_progress="hidden",
-        )
+        for control in (seg_slice, seg_unsure):
+            control.change(
+                lambda state, i, u: _seg_view(state, i, u) if state else (None, ""),
+                [seg_state, seg_slice, seg_unsure],
+                [seg_image, seg_legend],
+                show_progress="hidden",
+            )
         rec_run.click(
             _reconstruct(predictors, out_base),
             [rec_file, rec_model],

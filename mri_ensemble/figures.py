@@ -313,3 +313,52 @@ def plot_pareto(
     ax.margins(0.15)
     ax.legend(fontsize=8, loc="lower right", frameon=False)
     _save(fig, path)
+
+
+def plot_uncertainty_maps(
+    images: np.ndarray, error: np.ndarray, maps: Mapping[str, np.ndarray], path: Path
+) -> None:
+    """Per example slice (rows): the image, the ensemble's error map and each uncertainty map
+    (``maps`` name -> (K, H, W)), each map on its own colour scale over all rows, so that a
+    reader sees whether the uncertainty lights up where the error is."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 3 or images.shape[0] == 0 or np.shape(error) != images.shape:
+        raise ValueError(
+            f"plot_uncertainty_maps: expected images and error (K, H, W), found "
+            f"{images.shape} and {np.shape(error)}"
+        )
+    panels = {"error": np.asarray(error, np.float32), **{k: np.asarray(v) for k, v in maps.items()}}
+    k, cols = images.shape[0], 1 + len(panels)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * k))
+    axes = fig.subplots(k, cols, squeeze=False)
+    tops = {name: float(np.max(v)) or 1.0 for name, v in panels.items()}
+    for row in range(k):
+        axes[row, 0].imshow(images[row], cmap="gray")
+        for col, (name, v) in enumerate(panels.items(), start=1):
+            axes[row, col].imshow(v[row], cmap="magma", vmin=0, vmax=tops[name])
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(["image", *panels][col].replace("_", " "), fontsize=8)
+    fig.subplots_adjust(wspace=0.03, hspace=0.05)
+    _save(fig, path)
+
+
+def plot_reliability(curves: Mapping[str, Mapping[str, Sequence]], path: Path) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line
+    per curve (``curves`` name -> :func:`~mri_ensemble.ensemble.calibration.reliability`'s
+    dict, with its ECE in the name), the diagonal being perfect calibration."""
+    if not curves:
+        raise ValueError("plot_reliability: expected at least one curve, found none")
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
+    for i, (name, r) in enumerate(curves.items()):
+        conf, acc = np.asarray(r["confidence"], float), np.asarray(r["accuracy"], float)
+        keep = np.isfinite(conf) & np.isfinite(acc)
+        ax.plot(conf[keep], acc[keep], marker="o", ms=3, color=_colour(i), label=name)
+    ax.set(xlabel="confidence (top-label probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    _save(fig, path)

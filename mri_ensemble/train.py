@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -250,6 +251,11 @@ def fit(
     ``on_checkpoint(paths)`` runs after each epoch's checkpoints are written, with those
     written (``best.pt`` when it improved, and ``last.pt``), e.g. to share them so that
     another machine can resume.
+    What training costs: the state counts ``samples_seen`` (over all ranks and epochs, the
+    same on every machine); ``on_epoch`` also gets the epoch's measured
+    ``epoch_cpu_seconds`` (process CPU time summed over the ranks: core-seconds) and
+    ``epoch_wall_seconds``, which stay out of the history and the checkpoints (their bytes
+    do not depend on the machine).
     Returns the final ``last.pt`` state without weights: history, best epoch, etc.
     """
     device = resolve_device(cfg.device)
@@ -290,6 +296,7 @@ def fit(
         "best_val_loss": float("inf"),
         "bad_epochs": 0,
         "stopped_early": False,
+        "samples_seen": 0,
     }
     last_path, best_path = work_dir / "last.pt", work_dir / "best.pt"
     if last_path.is_file():
@@ -304,7 +311,7 @@ def fit(
             # progress only: spec, config and meta are this run's own (the fingerprint says
             # they are equal), so the checkpoint pickles as an unbroken run's would
             kept = ("epoch", "history", "best_epoch", "best_val_loss", "bad_epochs",
-                        "stopped_early")  # fmt: skip
+                        "stopped_early", "samples_seen")  # fmt: skip
             state.update({k: old[k] for k in kept if k in old})
             log.info("resuming %s from epoch %d", last_path, old["epoch"])
         else:
@@ -315,6 +322,7 @@ def fit(
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["stopped_early"]:
             break
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable shuffling
         mix_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 10**9)
         set_epoch = getattr(train_set, "set_epoch", None)
@@ -363,6 +371,8 @@ def fit(
             with torch.no_grad():
                 val = validate(model, device)
         val = distributed.broadcast(val)
+        state["samples_seen"] += int(seen)
+        (cpu,) = distributed.all_sum([time.process_time() - cpu0], device)
         row = {
             "epoch": epoch,
             "train_loss": total / max(seen, 1.0),
@@ -384,7 +394,8 @@ def fit(
         if not world.main:
             continue
         if on_epoch is not None:  # before the checkpoint: a kill re-logs, never loses, an epoch
-            on_epoch(row)
+            cost = {"epoch_cpu_seconds": cpu, "epoch_wall_seconds": time.perf_counter() - wall0}
+            on_epoch({**row, **cost, "samples_seen": float(state["samples_seen"])})
         ckpt = dict(
             state,
             history=_interned_keys(state["history"]),

@@ -20,21 +20,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mri_ensemble.ensemble import SearchConfig, SearchResult, members_below
+from mri_ensemble.ensemble import SearchConfig, SearchResult, ensemble_members, members_below
 from mri_ensemble.ensemble.evaluation import (
+    calibration_study,
     choose_data_consistency,
     eval_splits,
     fuse,
     method_key,
     run_method,
     sizes_and_leave_one_out,
+    uncertainty_study,
 )
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
 from mri_ensemble.tasks import Task, get_task
 
 from .common import cli, flatten, get, load_params, log, task_models
-from .tracking import mlflow_run
+from .tracking import mlflow_run, remembered_cost
 
 
 @cli
@@ -59,7 +61,9 @@ def main() -> None:
             raise DataError(f"{path}: missing; run evaluate@{args.task}-{m} first")
         mj = json.loads(path.read_text())
         per_model[m] = {
-            k: v for k, v in mj.items() if k in ("val", "test", "params") or k.startswith("shift_")
+            k: v
+            for k, v in mj.items()
+            if k in ("val", "test", "params", "training") or k.startswith("shift_")
         }
     t = task.ensemble_inputs(models, args.predictions, args.data)
     key = task.key_metric
@@ -118,6 +122,13 @@ def main() -> None:
     seconds = {name: entry.pop("_seconds") for name, entry in methods.items()}
 
     scored = ["val", "crossfit", *eval_splits(t)]
+    shipped_result = results[method_key(shipped)]
+    trust = uncertainty_study(task, t, shipped_result)
+    calibration = (
+        calibration_study(t, shipped_result, models, int(get(params, "seed")))
+        if task.probabilistic
+        else None
+    )
 
     def summary(entry: dict) -> dict:
         return {k: entry[k] for k in ("method", "weights", *scored)}
@@ -132,7 +143,11 @@ def main() -> None:
         },
         "baselines": t["baselines"],
         "guard": {"baseline": guard, "dropped": dropped, "all_below": len(dropped) == len(models)},
+        "uncertainty": {s: _trust_summary(u) for s, u in trust.items()},
+        "training": training_cost(per_model, ens["weights"]),
     }
+    if calibration is not None:
+        metrics["calibration"] = _calibration_summary(calibration)
     details = {
         **ens,
         "crossfit_folds": folds,
@@ -150,6 +165,8 @@ def main() -> None:
         "val_groups": sorted(set(t["objs"]["val"].groups))
         if t["objs"]["val"].groups is not None
         else [],
+        "uncertainty": trust,
+        "calibration": calibration,
     }
     if t.get("measured"):  # the fused image with and without data consistency, every split
         result = results[method_key(shipped)]
@@ -164,7 +181,8 @@ def main() -> None:
         details["data_consistency"] = {"on": dc, "param": dc_param, "scores": with_dc}
     write_json(args.out / "ensemble.json", details)
     write_json(args.out / "metrics.json", metrics)
-    log_methods(params, args.task, models, methods, results, seconds, method_key(shipped))
+    log_methods(params, args.task, models, methods, results, seconds, method_key(shipped),
+                ensemble_cost(task.name, metrics["training"], ens["weights"]))  # fmt: skip
 
     best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
     log.info(
@@ -179,6 +197,57 @@ def main() -> None:
         ens["test"][key],
         per_model[best_single]["test"][key],
     )
+
+
+def ensemble_cost(task: str, samples: dict, weights: dict) -> dict[str, float]:
+    """The shipped ensemble's training cost for its MLflow run: samples seen, and where every
+    member was trained on this machine the core-seconds and wall seconds they measured."""
+    out = {}
+    if samples:
+        out["train_samples_seen"] = float(samples["ensemble_samples_seen"])
+    measured = [remembered_cost(f"{task}-{m}") for m in ensemble_members(weights)]
+    if measured and all(measured):
+        out["train_cpu_seconds"] = sum(c["cpu_seconds"] for c in measured)
+        out["train_wall_seconds"] = sum(c["wall_seconds"] for c in measured)
+    return out
+
+
+def training_cost(per_model: dict, weights: dict) -> dict:
+    """Samples each member saw in training, the shipped ensemble's total (members that
+    run) and all trainings' total (the compute the search chose from)."""
+    seen = {m: e["training"]["samples_seen"] for m, e in per_model.items() if "training" in e}
+    if len(seen) < len(per_model):
+        return {}
+    shipped = ensemble_members(weights)
+    return {
+        "samples_seen": seen,
+        "ensemble_samples_seen": sum(seen[m] for m in shipped),
+        "all_samples_seen": sum(seen.values()),
+    }
+
+
+def _trust_summary(study: dict) -> dict:
+    """What metrics.json keeps of a split's uncertainty study (ensemble.json has it all)."""
+    flag = study["flag"]
+    return {
+        "map": study["map"],
+        "mean": study["mean_uncertainty"],
+        "correlation": study["correlation"],
+        "flagged": {k: flag[k] for k in ("flagged_score", "rest_score", "loss")},
+    }
+
+
+def _calibration_summary(study: dict) -> dict:
+    return {
+        "temperatures": study["temperatures"],
+        **{
+            split: {
+                "ensemble": {k: e["ensemble"][k] for k in ("ece", "ece_tempered")},
+                "members": e["members"],
+            }
+            for split, e in study["splits"].items()
+        },
+    }
 
 
 def _key_scores(scores: dict, task: Task) -> dict:
@@ -243,6 +312,7 @@ def log_methods(
     results: dict[str, SearchResult],
     seconds: dict[str, float],
     shipped: str,
+    cost: dict[str, float],
 ) -> None:
     """One MLflow run per method (children of the pipeline's parent run), same metric names."""
     for name, entry in methods.items():
@@ -276,6 +346,7 @@ def log_methods(
                     if isinstance(v, float) and np.isfinite(v)
                 }
                 | {"search_seconds": seconds[name]}
+                | (cost if name == shipped else {})
             )
 
 

@@ -11,6 +11,7 @@ metrics to the model's MLflow run.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,11 @@ def main() -> None:
     device = resolve_device(get(params, "device"))
     model, ckpt = load_model(args.checkpoint, device)
     metrics: dict = {"params": count_parameters(model), "best_epoch": ckpt["epoch"]}
+    summary = args.checkpoint.parent / "summary.json"
+    if summary.is_file():  # what the training cost, in samples (the same on every machine)
+        done = json.loads(summary.read_text())
+        if "samples_seen" in done:
+            metrics["training"] = {k: int(done[k]) for k in ("samples_seen", "epochs_run")}
     task = get_task(entry["task"])
     splits = scored_splits(args.data)
     with atomic_path(args.out) as tmp:

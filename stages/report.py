@@ -30,7 +30,9 @@ from mri_ensemble.figures import (
     plot_metric_bars,
     plot_pareto,
     plot_reconstructions,
+    plot_reliability,
     plot_segmentation_overlays,
+    plot_uncertainty_maps,
 )
 from mri_ensemble.io import atomic_path
 from mri_ensemble.tasks import TASKS
@@ -112,6 +114,20 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
             f"| {r['size']} | {r['added']} | {r['params']:,} | {gmacs} | "
             f"{fmt(r[f'val_{key}'])} | {fmt(r[f'test_{key}'])} |"
         )
+    metrics_file = rep / "metrics.json"
+    trained = (
+        json.loads(metrics_file.read_text()).get("training") if metrics_file.is_file() else None
+    )
+    if trained:
+        per = ", ".join(f"{m} {n:,}" for m, n in trained["samples_seen"].items())
+        lines += [
+            "",
+            f"Training cost in samples seen (every epoch's training slices, early stopping "
+            f"included; the same on every machine): {per}; the shipped ensemble's members "
+            f"{trained['ensemble_samples_seen']:,} of {trained['all_samples_seen']:,} for all "
+            "trainings. Measured CPU core-seconds and wall seconds are in each training's "
+            "MLflow run (`train_cpu_seconds`, `train_wall_seconds`) and the shipped ensemble's.",
+        ]
     if cost is not None:
         lines += ["", f"**Recommendation:** {cost['recommendation']}"]
         plot_pareto(
@@ -137,7 +153,83 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
             f"| {m} | {fmt(r[f'val_{key}_without'])} | {fmt(r[f'test_{key}_without'])} | "
             f"{r['val_contribution']:+.4f} | {r['test_contribution']:+.4f} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *trust_lines(task, details, figures)]
+
+
+def test_first(splits: Any) -> list[str]:
+    """The in-distribution test set, then the shifted ones (by name)."""
+    return sorted(splits, key=lambda s: (s != "test", s))
+
+
+def trust_lines(task: str, details: dict, figures: Path) -> list[str]:
+    """Uncertainty against error per test set, the most uncertain cases flagged, and (for
+    probabilities) calibration before and after temperature scaling, with its figure."""
+    unc = details.get("uncertainty") or {}
+    lines: list[str] = []
+    if unc:
+        first = next(iter(unc.values()))
+        metric = {"dice": "Dice", "ssim": "SSIM"}.get(first["metric"], first["metric"])
+        what = {
+            "entropy": "the predictive entropy of the fused probabilities (nats; the members' "
+            "disagreement, their mutual information, is in `ensemble.json`)",
+            "variance": "the weighted variance of the members' images around the fused one",
+        }.get(first["map"], first["map"])
+        lines += [
+            "### Uncertainty: where to distrust the ensemble",
+            "",
+            f"Per pixel, {what}. Correlation: Pearson, over each case's pixels, of the "
+            "uncertainty with the ensemble's error (segmentation: wrong label; reconstruction: "
+            f"|fused - target|), averaged over cases. Cases ranked by mean uncertainty: the "
+            f"most uncertain 20 % against the rest, per-case {metric}.",
+            "",
+            f"| test set | mean uncertainty | correlation with the error | flagged cases | "
+            f"{metric} flagged | {metric} rest | loss |",
+            "|---|---:|---:|---|---:|---:|---:|",
+        ]
+        for split in test_first(unc):
+            u, f = unc[split], unc[split]["flag"]
+            lines.append(
+                f"| {split} | {u['mean_uncertainty']:.3g} | {fmt(u['correlation'])} | "
+                f"{', '.join(f['flagged'])} | {fmt(f['flagged_score'])} | "
+                f"{fmt(f['rest_score'])} | {fmt(f['loss'])} |"
+            )
+        lines.append("")
+    cal = details.get("calibration")
+    if cal:
+        splits = test_first(s for s in cal["splits"] if s != "val")
+        temps = ", ".join(f"{m} {t:.2f}" for m, t in cal["temperatures"].items())
+        lines += [
+            "### Calibration",
+            "",
+            "Top-label expected calibration error (ECE, 15 bins, every pixel) of each member "
+            "and of the shipped ensemble, before and after temperature scaling: one "
+            f"temperature per member fitted on val ({temps}), applied before fusion, with the "
+            "shipped weights (also chosen on val). Temperature scaling keeps every member's "
+            "labels; it changes only how sure they say they are.",
+            "",
+            "| model | " + " | ".join(f"{s} ECE | {s} ECE tempered" for s in splits) + " |",
+            "|---|" + "---:|---:|" * len(splits),
+        ]
+        rows = {m: [cal["splits"][s]["members"][m] for s in splits] for m in cal["temperatures"]}
+        rows["**ensemble**"] = [cal["splits"][s]["ensemble"] for s in splits]
+        for name, cells in rows.items():
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{fmt(c['ece'])} | {fmt(c['ece_tempered'])}" for c in cells)
+                + " |"
+            )
+        test = cal["splits"]["test"]["ensemble"]
+        plot_reliability(
+            {
+                f"ensemble (ECE {test['ece']:.4f})": test["reliability"],
+                f"ensemble, tempered (ECE {test['ece_tempered']:.4f})": test[
+                    "reliability_tempered"
+                ],
+            },
+            figures / f"{task}_reliability.png",
+        )
+        lines += ["", f"![Reliability](figures/{task}_reliability.png)", ""]
+    return lines
 
 
 def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
@@ -222,12 +314,16 @@ def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) 
     plot_segmentation_overlays(
         test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", names
     )
+    error = TASKS[task].error_map(preds["ensemble"], test.label[idx])
+    maps = TASKS[task].uncertainty_maps(probs, weights)
+    plot_uncertainty_maps(test.image[idx], error, maps, figures / f"{task}_uncertainty.png")
     lines += [*shifted_block(task, metrics), ""]
     lines += ensemble_science(task, "iou", rep, figures)
     for name, title in (
         ("loss_curves", "Loss curves"),
         ("per_class_dice", "Per-class test Dice"),
         ("overlays", "Test overlays"),
+        ("uncertainty", "Uncertainty beside the error (test)"),
         ("gain_cost", "Gain versus cost"),
     ):
         lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
@@ -309,6 +405,9 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     images.update({m: recons[i] for i, m in enumerate(models)})
     images["ensemble"] = combine_images(recons, weights)
     plot_reconstructions(test.target[idx], images, figures / f"{task}_examples.png")
+    error = TASKS[task].error_map(images["ensemble"], test.target[idx])
+    maps = TASKS[task].uncertainty_maps(recons, weights)
+    plot_uncertainty_maps(test.target[idx], error, maps, figures / f"{task}_uncertainty.png")
     lines += [*shifted_block(task, metrics), ""]
     dc = ens_details.get("data_consistency")
     if dc:
@@ -331,6 +430,7 @@ def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path
     for name, title in (
         ("loss_curves", "Loss curves"),
         ("examples", "Test reconstructions and error maps"),
+        ("uncertainty", "Uncertainty beside the error (test)"),
         ("gain_cost", "Gain versus cost"),
     ):
         lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
@@ -525,7 +625,33 @@ def readme_blocks(reports: Path) -> dict[str, str]:
             out[task] = results_block(task, metrics[task], cost)
     if metrics:
         out["methods"] = methods_block(metrics)
+        out["trust"] = trust_block(metrics)
     return out
+
+
+def trust_block(metrics: dict[str, dict]) -> str:
+    """Per task and scored test set: the uncertainty's correlation with the error, what the
+    most uncertain 20 % of cases lose, and (segmentation) the ensemble's ECE before/after
+    temperature scaling."""
+    lines = [
+        "| task | test set | uncertainty map | correlation with the error | most uncertain "
+        "20 %: score / rest / loss | ensemble ECE / tempered |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for task, m in metrics.items():
+        cal = m.get("calibration") or {}
+        unc = m.get("uncertainty") or {}
+        for split in test_first(unc):
+            u, f = unc[split], unc[split]["flagged"]
+            metric = TASKS[task].flag_metric
+            ece = cal.get(split, {}).get("ensemble")
+            ece_cell = f"{fmt(ece['ece'])} / {fmt(ece['ece_tempered'])}" if ece else "—"
+            lines.append(
+                f"| {task} | {split} | {u['map']} | {fmt(u['correlation'])} | {metric} "
+                f"{fmt(f['flagged_score'])} / {fmt(f['rest_score'])} / {f['loss']:+.4f} | "
+                f"{ece_cell} |"
+            )
+    return "\n".join(lines)
 
 
 def sync_readme(readme: Path, blocks: dict[str, str], check: bool) -> list[str]:

@@ -326,9 +326,21 @@ def shared_checkpoint(params: Mapping[str, Any], fingerprint: str, dst: Path) ->
     return None
 
 
-def remember_run(name: str, run_id: str) -> None:
-    """Record that ``train@<name>`` logged to MLflow run ``run_id`` (for evaluate)."""
-    write_json(RUNS_DIR / f"{name}.json", {"run_id": run_id})
+def remember_run(name: str, run_id: str, cost: Mapping[str, float] | None = None) -> None:
+    """Record that ``train@<name>`` logged to MLflow run ``run_id`` (for evaluate), and what
+    the training measured it cost here (``cpu_seconds``, ``wall_seconds``: for the
+    ensemble's MLflow run; machine timings stay out of the DVC outputs)."""
+    write_json(RUNS_DIR / f"{name}.json", {"run_id": run_id, **(cost or {})})
+
+
+def remembered_cost(name: str) -> dict[str, float]:
+    """What :func:`remember_run` recorded that ``train@<name>`` cost ({} if unknown, e.g. a
+    model restored from the DVC run-cache)."""
+    try:
+        saved = json.loads((RUNS_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(saved[k]) for k in ("cpu_seconds", "wall_seconds") if k in saved}
 
 
 def remembered_run(name: str) -> str | None:

@@ -205,7 +205,11 @@ def main() -> None:
                 }
             )
 
+        spent = {"cpu": 0.0, "wall": 0.0}  # this process's share (a resumed run adds its own)
+
         def on_epoch(row: dict[str, float]) -> None:
+            spent["cpu"] += row["epoch_cpu_seconds"]
+            spent["wall"] += row["epoch_wall_seconds"]
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
         def on_checkpoint(paths: list[Path]) -> None:
@@ -234,6 +238,7 @@ def main() -> None:
             "best_val_loss": state["best_val_loss"],
             "epochs_run": state["epoch"],
             "stopped_early": state["stopped_early"],
+            "samples_seen": state["samples_seen"],
         }
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
@@ -242,9 +247,17 @@ def main() -> None:
             (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_history_csv(args.history, state["history"])
-        remember_run(args.name, run.run_id)
+        remember_run(
+            args.name, run.run_id, {"cpu_seconds": spent["cpu"], "wall_seconds": spent["wall"]}
+        )
         run.log_metrics(
-            {"best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"]}
+            {
+                "best_val_loss": state["best_val_loss"],
+                "best_epoch": state["best_epoch"],
+                "samples_seen": state["samples_seen"],
+                "train_cpu_seconds": spent["cpu"],
+                "train_wall_seconds": spent["wall"],
+            }
         )
         run.log_artifact(args.out / "best.pt", artifact_path="checkpoint")
     shutil.rmtree(work, ignore_errors=True)

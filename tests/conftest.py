@@ -1,10 +1,13 @@
-"""What the whole suite shares, built once per test session (per xdist worker with
-``pytest -n``): the tiny profile's project after one Prefect flow run over the real DVC
-stages (``tiny_run``; copy it before changing anything: :func:`copy_project`), and one
-``prefect server start`` (``prefect_api``) for the modules that talk to a Prefect API.
+"""What the whole suite shares: the tiny profile's project after one Prefect flow run over
+the real DVC stages (``tiny_run``; copy it before changing anything: :func:`copy_project`),
+built once per test session even under ``pytest -n`` (the first worker that needs it builds
+it under a file lock in the session's shared temporary folder, the others wait and reuse
+it), and one ``prefect server start`` per worker (``prefect_api``) for the modules that
+talk to a Prefect API.
 
-The modules that use them carry ``pytest.mark.xdist_group``, so that ``--dist loadgroup``
-runs them in one worker and the expensive run is made once.
+``make test`` runs ``pytest -n 2 --dist loadfile``: each module's tests run in one worker,
+so a module's own expensive fixtures (the team's services, the served deployments) are
+built once. (``--dist loadgroup`` does not group with pytest 9.2: pytest-xdist issue 1386.)
 """
 
 from __future__ import annotations
@@ -23,12 +26,24 @@ def copy_project(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The tiny profile (tests/test_pipeline.py) after one run of ``python -m flows.pipeline``:
-    seven models trained in parallel, evaluated, ensembled, costed, reported, registered."""
+    seven models trained in parallel, evaluated, ensembled, costed, reported, registered.
+    Read-only: built once for all workers."""
+    from filelock import FileLock
     from test_pipeline import build_tiny_run
 
-    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    if worker_id == "master":  # no xdist
+        return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    shared = tmp_path_factory.getbasetemp().parent  # every worker's basetemp is under it
+    proj, built = shared / "tiny_run", shared / "tiny_run.built"
+    with FileLock(str(shared / "tiny_run.lock")):
+        if not built.is_file():
+            shutil.rmtree(proj, ignore_errors=True)  # a failed attempt's leftovers
+            proj.mkdir()
+            build_tiny_run(proj)
+            built.touch()
+    return proj
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,6 @@ TIMEOUT_MS = 60_000
 pytestmark = [  # gradio 6.31's queue still uses pandas options that pandas 3 deprecates
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
-    pytest.mark.xdist_group("app"),  # one worker holds the module's server and browser
 ]
 
 
@@ -135,6 +134,14 @@ def test_segment_a_phantom_volume_and_download_the_labels(app: Any, browser: Any
     page.locator("#seg-slice input[type=range]").fill("0")  # the slider shows another slice
     page.wait_for_function(
         "src => document.querySelector('#seg-overlay img').getAttribute('src') !== src", arg=first
+    )
+    labels_view = overlay.get_attribute("src")
+    page.locator("#seg-uncertainty input[type=checkbox]").check()  # the uncertainty overlay
+    page.locator("#seg-legend .uncertainty-note").wait_for()
+    assert "predictive entropy" in page.locator("#seg-legend").inner_text()
+    page.wait_for_function(
+        "src => document.querySelector('#seg-overlay img').getAttribute('src') !== src",
+        arg=labels_view,
     )
 
     with page.expect_download() as info:

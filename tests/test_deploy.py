@@ -157,9 +157,6 @@ def prefect_server(tmp: Path) -> Iterator[Api]:
         stop(server)
 
 
-pytestmark = pytest.mark.xdist_group("tiny_run")  # the suite's tiny run and Prefect server
-
-
 @pytest.fixture(scope="module")
 def api(prefect_api: Api, tmp_path_factory) -> Api:
     """The session's Prefect server, with this module's folder and processes."""

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import copy_project
@@ -108,9 +109,6 @@ def build_tiny_run(proj: Path) -> Path:
     return proj
 
 
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
-
 @pytest.fixture(scope="module")
 def project(tiny_run: Path, tmp_path_factory) -> Path:
     """This module's copy of the suite's tiny run (its tests change it, in order)."""
@@ -125,9 +123,22 @@ def test_flow_writes_every_output(project: Path):
     metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
     assert set(metrics["models"]) == set(MODELS)
     for m in MODELS:
-        assert set(metrics["models"][m]) == {"val", "test", "shift_acquisition", "params"}
+        assert set(metrics["models"][m]) == {
+            "val",
+            "test",
+            "shift_acquisition",
+            "params",
+            "training",
+        }
+        seen = metrics["models"][m]["training"]
+        assert seen["samples_seen"] > 0 and seen["epochs_run"] >= 1
         assert {"iou", "dice", "per_class"} <= set(metrics["models"][m]["test"])
         assert set(metrics["models"][m]["test"]["per_class"]) == {"RV", "myocardium", "LV"}
+    trained = metrics["training"]  # what the trainings cost in samples, member by member
+    assert trained["all_samples_seen"] == sum(trained["samples_seen"].values())
+    assert trained["samples_seen"] == {
+        m: metrics["models"][m]["training"]["samples_seen"] for m in MODELS
+    }
     ens = metrics["ensemble"]
     assert set(ens["weights"]) == set(MODELS)
     assert sum(ens["weights"].values()) == pytest.approx(1.0)
@@ -198,6 +209,43 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     assert cost["recommendation"] in report and f"figures/{task}_pareto.png" in report
     png = project / f"reports/figures/{task}_pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("task, flag", [("segmentation", "dice"), ("reconstruction", "ssim")])
+def test_flow_reports_uncertainty_and_calibration(project: Path, task: str, flag: str):
+    """Every scored test set gets the uncertainty study of the shipped ensemble; segmentation
+    also its calibration (ECE before/after val-fitted temperatures), in the report too."""
+    metrics = json.loads((project / f"reports/{task}/metrics.json").read_text())
+    details = json.loads((project / f"reports/{task}/ensemble.json").read_text())
+    splits = [s for s in metrics["ensemble"] if s == "test" or s.startswith("shift_")]
+    assert set(metrics["uncertainty"]) == set(splits)
+    for s in splits:
+        u = details["uncertainty"][s]
+        assert u["metric"] == flag and u["map"] == metrics["uncertainty"][s]["map"]
+        assert -1 <= u["correlation"] <= 1 and u["mean_uncertainty"] >= 0
+        cases = set(u["per_case"])
+        assert set(u["flag"]["flagged"]) < cases and len(u["flag"]["flagged"]) >= 1
+        scores = u["case_scores"]
+        rest = [scores[c] for c in cases - set(u["flag"]["flagged"])]
+        assert u["flag"]["rest_score"] == pytest.approx(np.mean(rest))
+    report = (project / "reports/report.md").read_text()
+    assert "### Uncertainty: where to distrust the ensemble" in report
+    assert f"figures/{task}_uncertainty.png" in report
+    if task == "reconstruction":
+        assert "calibration" not in metrics and details["calibration"] is None
+        return
+    cal = metrics["calibration"]
+    assert set(cal["temperatures"]) == set(metrics["models"])
+    assert all(0.05 <= t <= 20 for t in cal["temperatures"].values())
+    for s in splits:
+        for entry in (cal[s]["ensemble"], *cal[s]["members"].values()):
+            assert 0 <= entry["ece"] <= 1 and 0 <= entry["ece_tempered"] <= 1
+    from mri_ensemble.data.prepared import read_segmentation_h5
+
+    rel = details["calibration"]["splits"]["test"]["ensemble"]["reliability"]
+    labels = read_segmentation_h5(project / "data/prepared/segmentation/test.h5").label
+    assert sum(rel["count"]) == labels.size and len(rel["edges"]) == 16  # every pixel
+    assert "### Calibration" in report and "figures/segmentation_reliability.png" in report
 
 
 def test_flow_registers_each_task_ensemble(project: Path):

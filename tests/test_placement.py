@@ -92,9 +92,6 @@ printf '{"stage": "%s", "gpu": "%s", "threads": "%s", "start": %s, "end": %s, "p
 """
 
 
-pytestmark = pytest.mark.xdist_group("tiny_run")  # the session's Prefect server
-
-
 @pytest.fixture(scope="module")
 def api(prefect_api):
     """The session's Prefect server (an ephemeral API per flow run is slower)."""

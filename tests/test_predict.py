@@ -38,6 +38,7 @@ from mri_ensemble.data.grid import (
     to_grid,
 )
 from mri_ensemble.ensemble import combine, combine_images
+from mri_ensemble.ensemble.uncertainty import image_variance
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.mri.fft import ifft2c, rss
 from mri_ensemble.mri.masks import MaskSpec, volume_mask
@@ -194,6 +195,13 @@ def test_segment_nifti_cli_keeps_affine_header_and_shape(project: Path, capsys, 
     assert np.allclose(lab.header.get_qform(), src.header.get_qform(), atol=1e-5)
     data = np.asarray(lab.dataobj)
     assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1, 2, 3}
+    # the entropy map beside it: float32 nats on the same grid, highest where labels change
+    side = nib.load(tmp_path / "labels_uncertainty.nii.gz")
+    unsure = np.asarray(side.dataobj)
+    assert side.shape == src.shape and np.array_equal(side.affine, src.affine)
+    assert unsure.dtype == np.float32 and 0 <= unsure.min() and unsure.max() <= np.log(4) + 1e-5
+    edges = near_edges(data.astype(float), 1)
+    assert unsure[edges].mean() > unsure[~edges].mean()
 
 
 def test_2d_and_4d_nifti_and_uncompressed_output(project: Path, tmp_path: Path):
@@ -249,6 +257,9 @@ def test_segmentation_ensemble_is_the_weighted_mean_of_its_members(project: Path
     expected = combine(np.stack(members), np.array(list(SEG_WEIGHTS.values())))
     assert probs.shape == (5, 4, 32, 32)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
+    labels, unsure = seg.labels_and_uncertainty(ensemble, images, batch_size=2)
+    np.testing.assert_array_equal(labels, expected.argmax(1))
+    np.testing.assert_allclose(unsure, -(expected * np.log(expected)).sum(1), atol=1e-5)
     assert not np.allclose(members[0], members[1], atol=1e-3)  # the members do differ
 
 
@@ -320,6 +331,10 @@ def test_reconstruction_cli_writes_the_submission_layout(project: Path, capsys, 
         recon = hf["reconstruction"][()]
         attrs = dict(hf.attrs)
     assert recon.shape == (2, 32, 24) and recon.dtype == np.float32
+    with h5py.File(out, "r") as hf:
+        assert (
+            hf["uncertainty"].shape == recon.shape and "variance" in hf["uncertainty"].attrs["kind"]
+        )
     assert attrs["model"] == "ensemble" and attrs["mask_source"] == "params"
     total = sum(RECON_WEIGHTS.values())
     assert json.loads(attrs["weights"]) == pytest.approx(
@@ -344,6 +359,9 @@ def test_reconstruction_ensemble_mask_zero_filled_and_target(project: Path):
     ]
     expected = combine_images(np.stack(members), np.array(list(RECON_WEIGHTS.values())))
     np.testing.assert_allclose(result.reconstruction, expected, rtol=1e-5, atol=1e-6)
+    spread = image_variance(np.stack(members), np.array(list(RECON_WEIGHTS.values())))
+    assert result.uncertainty is not None and spread.max() > 0
+    np.testing.assert_allclose(result.uncertainty, spread, rtol=1e-4, atol=1e-6 * spread.max())
     assert not np.allclose(members[0], members[1], rtol=1e-3)
 
 
@@ -507,7 +525,10 @@ def test_cli_predicts_a_folder_loading_the_members_once(
         "--no-progress",
     )  # fmt: skip
     assert code == 2 and len(loads) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii", "c.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.nii.gz", "a_uncertainty.nii.gz", "b.nii", "b_uncertainty.nii", "c.png",
+        "c_uncertainty.png",
+    ]  # fmt: skip
     assert "3 of 4 written" in stdout and "corrupt.nii.gz: expected a readable NIfTI" in stdout
     single = tmp_path / "single.nii.gz"
     assert run_cli(capsys, "predict", "--task", "segmentation", "--input", scans / "a.nii.gz",
@@ -520,7 +541,9 @@ def test_cli_predicts_a_folder_loading_the_members_once(
         "-o", tmp_path / "two", "--root", project, "--no-progress",
     )  # fmt: skip
     assert code == 0 and "2 of 2 written" in stdout
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["a.nii.gz", "c.png"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "a.nii.gz", "a_uncertainty.nii.gz", "c.png", "c_uncertainty.png",
+    ]  # fmt: skip
 
 
 def test_cli_batch_errors_before_any_model_loads(project: Path, tmp_path: Path, capsys):

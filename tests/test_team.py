@@ -37,7 +37,6 @@ from test_pipeline import ROOT, env_for
 
 from flows.services import Postgres, ServiceError, mlflow_server_cmd, pg_bin
 
-pytestmark = pytest.mark.xdist_group("team")  # one worker holds the services and runs
 EPOCHS = 2
 BUCKET = "mri-ensemble"
 AWS = {

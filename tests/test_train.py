@@ -75,9 +75,27 @@ def test_killed_run_resumes_to_identical_weights_and_bytes(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert resumed["history"] == full["history"]
+    assert resumed["samples_seen"] == full["samples_seen"] == 4 * len(ds)  # counted across the kill
     # byte for byte (the DVC out's hash): the resumed rows' keys pickle as the fresh ones
     for name in ("last.pt", "best.pt"):
         assert (killed / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_training_cost_is_counted_in_samples_and_measured_in_core_seconds(tmp_path):
+    """Samples seen are in the state (the same on every machine); the measured CPU and wall
+    seconds reach ``on_epoch`` (MLflow) only, never the history or a checkpoint."""
+    ds, loss_fn = toy_data(), build_loss("dice_focal")
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, patience=50, seed=1)
+    rows = []
+    state = fit(SPEC, ds, loss_fn, make_validate(ds, loss_fn), cfg, tmp_path,
+                {"task": "segmentation", "model": "toy"}, rows.append, False)  # fmt: skip
+    assert state["samples_seen"] == 3 * len(ds)
+    assert [r["samples_seen"] for r in rows] == [16.0, 32.0, 48.0]
+    assert all(r["epoch_cpu_seconds"] > 0 and r["epoch_wall_seconds"] > 0 for r in rows)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["samples_seen"] == 48
+    assert not any("seconds" in k for r in ckpt["history"] for k in r)
+    assert not any("seconds" in k for r in state["history"] for k in r)
 
 
 def test_changed_params_start_afresh(tmp_path):

@@ -194,12 +194,13 @@ def _uncrop(labels: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
     return out
 
 
-def from_grid(labels: np.ndarray, grid: Grid) -> np.ndarray:
+def from_grid(labels: np.ndarray, grid: Grid, nearest: bool = True) -> np.ndarray:
     """Labels (S, size, size) on the network grid -> (S, H, W) on the input grid
-    (nearest neighbour), exactly inverting :func:`to_grid`'s geometry."""
-    labels = np.asarray(labels, dtype=np.uint8)
+    (nearest neighbour), exactly inverting :func:`to_grid`'s geometry. ``nearest=False``:
+    a float map instead (an uncertainty map; float32, bilinear), 0 outside the crop."""
+    labels = np.asarray(labels, dtype=np.uint8 if nearest else np.float32)
     if grid.ratio is None:
-        return _resize(labels, grid.shape_hw, nearest=True)
+        return _resize(labels, grid.shape_hw, nearest=nearest)
     out = _uncrop(labels, grid.resampled_hw, grid.size)  # (S, Hr, Wr)
     rh, rw = grid.ratio
     s = out.shape[0]
@@ -211,6 +212,6 @@ def from_grid(labels: np.ndarray, grid: Grid) -> np.ndarray:
         np.array([1.0, 1.0 / rh, 1.0 / rw]),
         offset=np.array([0.0, 0.5 / rh - 0.5, 0.5 / rw - 0.5]),
         output_shape=(s, *grid.shape_hw),
-        order=0,
+        order=0 if nearest else 1,
         mode="nearest",
     )

@@ -165,3 +165,84 @@ def sizes_and_leave_one_out(
             "test_contribution": full[f"test_{key}"] - without,
         }
     return sizes, loo
+
+
+def case_scores(task: Task, fused: np.ndarray, truth: np.ndarray, case: np.ndarray, names) -> dict:
+    """The task's ``flag_metric`` (Dice, SSIM) of each case's fused output."""
+    case = np.asarray(case)
+    return {
+        str(c): float(task.score(fused[case == c], truth[case == c], case[case == c], names)[
+            task.flag_metric
+        ])
+        for c in np.unique(case)
+    }  # fmt: skip
+
+
+def uncertainty_study(task: Task, t: dict, result: SearchResult, fraction: float = 0.2) -> dict:
+    """Per scored split after the search (test, the shifted sets): the mean of each
+    uncertainty map of the shipped ensemble, the per-case correlation of the first map with
+    the error map, and the most uncertain ``fraction`` of cases against the rest
+    (:func:`~mri_ensemble.ensemble.uncertainty.error_agreement`)."""
+    from .uncertainty import error_agreement
+
+    out = {}
+    for s in eval_splits(t):
+        obj = t["objs"][s]
+        maps = task.uncertainty_maps(obj.outputs, result.weights)
+        name = next(iter(maps))
+        fused = fuse(t, s, result)
+        scores = case_scores(task, fused, obj.target, obj.case, t["names"])
+        study = error_agreement(maps[name], task.error_map(fused, obj.target), obj.case, scores,
+                                fraction)  # fmt: skip
+        out[s] = {
+            "map": name,
+            "means": {k: float(v.mean()) for k, v in maps.items()},
+            "metric": task.flag_metric,
+            "case_scores": scores,
+            **study,
+        }
+    return out
+
+
+def _fused_probabilities(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weighted average of member probabilities, renormalised over the classes (per-class
+    weights fuse each class on its own)."""
+    from .fusion import combine
+
+    p = combine(stack, weights)
+    return p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+
+
+def calibration_study(t: dict, result: SearchResult, models: list[str], seed: int) -> dict:
+    """Top-label ECE and reliability of each member and of the shipped ensemble on every
+    scored split after the search, before and after temperature scaling: one temperature
+    per member fitted on val (the shipped weights were chosen on val too), applied to the
+    member's probabilities before fusion. A vote has no probabilities: its members' mean
+    stands for it."""
+    from .calibration import expected_calibration_error, fit_temperature, reliability, temper
+
+    val = t["objs"]["val"]
+    weights = np.ones(len(models)) if result.method == "vote" else result.weights
+    temps = [fit_temperature(val.outputs[m], val.target, seed=seed) for m in range(len(models))]
+    out: dict[str, Any] = {"temperatures": dict(zip(models, temps, strict=True)), "splits": {}}
+    for s in ["val", *eval_splits(t)]:
+        obj = t["objs"][s]
+        tempered = np.stack([temper(obj.outputs[m], temps[m]) for m in range(len(models))])
+        fused = _fused_probabilities(obj.outputs, weights)
+        fused_t = _fused_probabilities(tempered, weights)
+        out["splits"][s] = {
+            "ensemble": {
+                "ece": expected_calibration_error(fused, obj.target),
+                "ece_tempered": expected_calibration_error(fused_t, obj.target),
+                "reliability": reliability(fused, obj.target),
+                "reliability_tempered": reliability(fused_t, obj.target),
+            },
+            "members": {
+                m: {
+                    "ece": expected_calibration_error(obj.outputs[i], obj.target),
+                    "ece_tempered": expected_calibration_error(tempered[i], obj.target),
+                }
+                for i, m in enumerate(models)
+            },
+        }
+    return out

@@ -41,6 +41,8 @@ class Task(ABC):
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]]  # (split, metric, header)
     report_baselines: ClassVar[tuple[tuple[str, str], ...]]  # (baseline key, row label)
     report_gain_notes: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (metric, name, unit)
+    flag_metric: ClassVar[str]  # the per-case score the uncertainty flag compares
+    probabilistic: ClassVar[bool] = False  # outputs are class probabilities (calibration)
 
     @property
     @abstractmethod
@@ -115,6 +117,16 @@ class Task(ABC):
     def fusable(self, outputs: torch.Tensor) -> torch.Tensor:
         """A member's raw network output as the ensemble averages it (probabilities, or
         the image in float32)."""
+
+    @abstractmethod
+    def uncertainty_maps(self, outputs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-pixel uncertainty maps (N, H, W) of the members' fusable outputs (M, N, ...)
+        fused with ``weights`` (:mod:`mri_ensemble.ensemble.uncertainty`); the first is the
+        one the report, the case flag and predict use."""
+
+    @abstractmethod
+    def error_map(self, fused: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        """Per-pixel error (N, H, W) float32 of a fused output against the truth."""
 
     def check_weights(self, weights: np.ndarray) -> None:
         """Refuse weights this task cannot fuse (default: any (M,) or (M, K) is fine)."""

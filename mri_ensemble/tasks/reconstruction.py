@@ -249,7 +249,8 @@ class ReconstructionResult:
     """Images (S, H, W) float32 on the task's grid, in the file's units.
 
     ``target`` is None when the file holds no fully sampled data; ``mask`` (W,) bool the
-    sampling mask used, ``mask_source`` ``"params"`` (drawn as ingest does) or ``"file"``.
+    sampling mask used, ``mask_source`` ``"params"`` (drawn as ingest does) or ``"file"``;
+    ``uncertainty`` the members' weighted variance (S, H, W), the file's units squared.
     """
 
     reconstruction: np.ndarray
@@ -261,6 +262,7 @@ class ReconstructionResult:
     weights: dict[str, float]
     path: Path
     attrs: dict[str, Any] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
 
     @property
     def acceleration(self) -> float:
@@ -333,11 +335,13 @@ def reconstruct_kspace(
     grappa: np.ndarray | None = None,
     batch_size: int = 4,
     progress: bool = False,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """The fused reconstruction (S, H, W) float32 of undersampled k-space (S, C, H, W) with
-    mask (W,): the predictor's :class:`EnsembleNet` on slices scaled as in training
+    mask (W,), and the members' weighted variance around it (S, H, W) float32, in the same
+    units squared: the predictor's :class:`EnsembleNet` on slices scaled as in training
     (:func:`network_inputs`). ``grappa`` (S, H, W) is needed when a member uses it
-    (computed here when None)."""
+    (computed here when None). The variance is that of the members' own images (before
+    the fused image's data consistency step)."""
     if predictor.task != RECONSTRUCTION.name:
         raise ConfigError(
             f"reconstruct_kspace needs a reconstruction predictor, not {predictor.task}"
@@ -354,7 +358,7 @@ def reconstruct_kspace(
                 ]
             )
     net, dev = predictor.net, predictor.device
-    out = []
+    out, spread = [], []
     starts = range(0, s_count, batch_size)
     for i in tqdm(starts, desc="reconstruct", unit="batch", disable=None if progress else True):
         slices = [
@@ -365,14 +369,19 @@ def reconstruct_kspace(
         ]
         k, m, g = (torch.stack([x[0][j] for x in slices]).to(dev) for j in range(3))
         scales = np.array([x[1] for x in slices], np.float64)[:, None, None]
-        out.append(net(k, m, g).float().cpu().numpy().astype(np.float64) * scales)
+        stack = net.member_outputs(k, m, g)  # (M, B, H, W)
+        mean = net.fuse(stack)
+        var = net.fuse((stack - mean) ** 2)
+        out.append(mean.float().cpu().numpy().astype(np.float64) * scales)
+        spread.append(var.float().cpu().numpy().astype(np.float64) * scales**2)
     fused = np.concatenate(out).astype(np.float32)
+    variance = np.concatenate(spread).astype(np.float32)
     if predictor.data_consistency:  # the fused image gets the members' hard DC step
         from ..mri.consistency import consistent_image_np
 
         masks = np.repeat(np.asarray(mask, bool)[None], s_count, 0)
         fused = consistent_image_np(fused, masked_kspace.astype(np.complex64), masks)
-    return fused
+    return fused, variance
 
 
 def reconstruct_file(
@@ -399,9 +408,9 @@ def reconstruct_file(
     )
     kspace, target, mask, source = prepare_input(f, predictor.settings, predictor.seed)
     masked = (kspace * mask).astype(np.complex64)  # (S, C, H, W)
-    recon = _rescale(
-        path, reconstruct_kspace(predictor, masked, mask, None, batch_size, progress), peak
-    )
+    recon, variance = reconstruct_kspace(predictor, masked, mask, None, batch_size, progress)
+    recon = _rescale(path, recon, peak)
+    variance = (np.asarray(variance, np.float64) * peak**2).astype(np.float32)
     zero = _rescale(path, rss(ifft2c(masked)), peak)  # (S, H, W)
     if target is not None:
         target = _rescale(path, target, peak)
@@ -416,6 +425,7 @@ def reconstruct_file(
         weights=dict(zip(names, map(float, predictor.weights), strict=True)),
         path=Path(path),
         attrs=dict(f.attrs),
+        uncertainty=variance,
     )
 
 
@@ -444,7 +454,8 @@ def check_finite(path: Path, images: np.ndarray) -> None:
 
 def save_reconstruction(result: ReconstructionResult, out: Path) -> None:
     """Write the fastMRI submission layout: dataset ``reconstruction`` (S, H, W) float32,
-    plus attributes (model, weights, input file, mask source, acceleration), atomically."""
+    plus attributes (model, weights, input file, mask source, acceleration), and dataset
+    ``uncertainty`` (the members' weighted variance, same shape), atomically."""
     import json
 
     import h5py
@@ -459,6 +470,11 @@ def save_reconstruction(result: ReconstructionResult, out: Path) -> None:
     try:
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as hf:
             hf.create_dataset("reconstruction", data=result.reconstruction.astype(np.float32))
+            if result.uncertainty is not None:
+                unsure = hf.create_dataset(
+                    "uncertainty", data=result.uncertainty.astype(np.float32)
+                )
+                unsure.attrs["kind"] = "weighted variance of the members' images (units^2)"
             hf.attrs["model"] = result.model
             hf.attrs["weights"] = json.dumps(result.weights, sort_keys=True)
             hf.attrs["input"] = result.path.name
@@ -491,6 +507,7 @@ class Reconstruction(Task):
     )
     guard = "zero_filled"
     input_kinds = ("hdf5",)
+    flag_metric = "ssim"
 
     @property
     def nets(self) -> Mapping[str, Any]:
@@ -618,6 +635,15 @@ class Reconstruction(Task):
 
     def fusable(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float()
+
+    def uncertainty_maps(self, outputs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """The weighted variance of the members' images around the fused one."""
+        from ..ensemble.uncertainty import image_variance
+
+        return {"variance": image_variance(outputs, weights)}
+
+    def error_map(self, fused: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        return np.abs(np.asarray(fused, np.float32) - np.asarray(truth, np.float32))
 
     def check_weights(self, weights: np.ndarray) -> None:
         if weights.ndim != 1:

@@ -151,21 +151,30 @@ def ensemble_probabilities(
     )
 
 
+def labels_and_uncertainty(
+    predictor: Predictor, images: np.ndarray, batch_size: int = 32, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N, H, W) uint8 and the predictive entropy (N, H, W) float32 (nats) of images
+    (N, H, W) on the network grid: argmax of the weighted average, or the members' majority
+    vote for a ``vote`` ensemble (whose entropy is that of the members' mean)."""
+    from ..ensemble import combine, vote
+    from ..ensemble.uncertainty import entropy
+
+    labels, unsure = [], []
+    w = None if predictor.method == "vote" else predictor.weights
+    for p in member_probabilities(predictor, images, batch_size, progress):
+        fused = combine(p, np.ones(len(p)) if w is None else w)
+        labels.append(vote(p) if w is None else fused.argmax(axis=1).astype(np.uint8))
+        unsure.append(entropy(fused, axis=1).astype(np.float32))
+    return np.concatenate(labels), np.concatenate(unsure)
+
+
 def ensemble_labels(
     predictor: Predictor, images: np.ndarray, batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
-    """Labels (N, H, W) uint8 of images (N, H, W) on the network grid: argmax of the
-    weighted average, or the members' majority vote for a ``vote`` ensemble."""
-    from ..ensemble import combine, vote
-
-    out = []
-    w = None if predictor.method == "vote" else predictor.weights
-    for p in member_probabilities(predictor, images, batch_size, progress):
-        if w is None:
-            out.append(vote(p))
-        else:
-            out.append(combine(p, w).argmax(axis=1).astype(np.uint8))
-    return np.concatenate(out)
+    """Labels (N, H, W) uint8 of images (N, H, W) on the network grid
+    (:func:`labels_and_uncertainty`)."""
+    return labels_and_uncertainty(predictor, images, batch_size, progress)[0]
 
 
 def grid_settings(settings: Mapping[str, Any], resize: bool) -> tuple[int, float | None]:
@@ -190,14 +199,16 @@ def segment_slices(
     batch_size: int = 32,
     progress: bool = False,
     name: str | Path = "input",
-) -> np.ndarray:
-    """Labels uint8 (S, H, W) of slices (S, H, W) on their own grid (see the module doc);
-    ``name`` (the file) is what an implausible field of view is reported against."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels uint8 and predictive entropy float32, both (S, H, W), of slices (S, H, W) on
+    their own grid (see the module doc); ``name`` (the file) is what an implausible field
+    of view is reported against. The entropy is 0 where the crop cut the field of view."""
     from ..data.grid import from_grid, to_grid
 
     size, target = grid_settings(predictor.settings, resize=spacing_hw is None)
     images, grid = to_grid(slices, spacing_hw, size, target, name)
-    return from_grid(ensemble_labels(predictor, images, batch_size, progress), grid)
+    labels, unsure = labels_and_uncertainty(predictor, images, batch_size, progress)
+    return from_grid(labels, grid), from_grid(unsure, grid, nearest=False)
 
 
 @dataclass
@@ -205,8 +216,10 @@ class SegmentationResult:
     """Labels in the input's shape plus what a viewer needs.
 
     ``labels`` uint8: NIfTI input's spatial shape (x, y[, z]) or image (H, W);
-    ``slices`` float32 (S, H, W) and ``slice_labels`` uint8 (S, H, W) the same data in
-    display order (rows = y, columns = x); ``spacing`` (dz, dy, dx) mm or None (images).
+    ``uncertainty`` float32 the same shape: the predictive entropy (nats, 0 .. log K) of
+    the fused probabilities; ``slices`` float32 (S, H, W), ``slice_labels`` uint8 and
+    ``slice_uncertainty`` float32 (S, H, W) the same data in display order (rows = y,
+    columns = x); ``spacing`` (dz, dy, dx) mm or None (images).
     """
 
     labels: np.ndarray
@@ -216,6 +229,8 @@ class SegmentationResult:
     model: str
     spacing: tuple[float, float, float] | None = None
     scan: NiftiScan | None = None
+    uncertainty: np.ndarray | None = None
+    slice_uncertainty: np.ndarray | None = None
 
 
 def segment_nifti(
@@ -227,8 +242,11 @@ def segment_nifti(
     scan = read_nifti(path)
     dx, dy, dz = scan.zooms
     slices = np.transpose(scan.data, (2, 1, 0))  # (x, y, z) -> (S, H, W)
-    slice_labels = segment_slices(predictor, slices, (dy, dx), batch_size, progress, path)
+    slice_labels, slice_unsure = segment_slices(
+        predictor, slices, (dy, dx), batch_size, progress, path
+    )
     labels = np.transpose(slice_labels, (2, 1, 0)).reshape(scan.shape)  # back to (x, y[, z])
+    unsure = np.transpose(slice_unsure, (2, 1, 0)).reshape(scan.shape)
     return SegmentationResult(
         labels=np.ascontiguousarray(labels, np.uint8),
         slices=np.ascontiguousarray(slices),
@@ -237,6 +255,8 @@ def segment_nifti(
         model=predictor.name,
         spacing=(dz, dy, dx),
         scan=scan,
+        uncertainty=np.ascontiguousarray(unsure, np.float32),
+        slice_uncertainty=slice_unsure,
     )
 
 
@@ -252,7 +272,7 @@ def segment_image(
     image = read_slice_image(path)
     check_pixel_mm(pixel_mm)
     spacing = None if pixel_mm is None else (float(pixel_mm), float(pixel_mm))
-    labels = segment_slices(predictor, image[None], spacing, batch_size, name=path)
+    labels, unsure = segment_slices(predictor, image[None], spacing, batch_size, name=path)
     return SegmentationResult(
         labels=labels[0],
         slices=image[None].astype(np.float32),
@@ -260,12 +280,25 @@ def segment_image(
         class_names=predictor.class_names,
         model=predictor.name,
         spacing=None if pixel_mm is None else (1.0, float(pixel_mm), float(pixel_mm)),
+        uncertainty=unsure[0],
+        slice_uncertainty=unsure,
     )
 
 
-def save_labels_nifti(labels: np.ndarray, scan: NiftiScan, out: Path) -> None:
-    """Write labels uint8 of ``scan``'s spatial shape as NIfTI (``.nii`` or ``.nii.gz`` by
-    name), with the input's affine, sform/qform codes and header, atomically."""
+def uncertainty_path(out: Path) -> Path:
+    """Where the uncertainty map of the result ``out`` goes: beside it, ``<name>_uncertainty``
+    with the same suffix (``case.nii.gz`` -> ``case_uncertainty.nii.gz``)."""
+    from ..inputs import file_suffix
+
+    out = Path(out)
+    suffix = file_suffix(out)
+    return out.with_name(f"{out.name[: len(out.name) - len(suffix)]}_uncertainty{suffix}")
+
+
+def save_nifti(data: np.ndarray, scan: NiftiScan, out: Path, what: str) -> None:
+    """Write ``data`` (uint8 labels or a float32 map) of ``scan``'s spatial shape as NIfTI
+    (``.nii`` or ``.nii.gz`` by name), with the input's affine, sform/qform codes and
+    header, atomically; ``what`` names it in the header and in errors."""
     import gzip
 
     from ..inputs import NIFTI_SUFFIXES, file_suffix
@@ -274,15 +307,14 @@ def save_labels_nifti(labels: np.ndarray, scan: NiftiScan, out: Path) -> None:
     out = Path(out)
     if file_suffix(out) not in NIFTI_SUFFIXES:
         raise ConfigError(f"{out}: a NIfTI output needs a .nii or .nii.gz name")
-    labels = np.asarray(labels, dtype=np.uint8)
-    if labels.shape != scan.shape:
-        raise ValueError(f"labels shape {labels.shape} differs from the input's {scan.shape}")
+    if data.shape != scan.shape:
+        raise ValueError(f"{what} shape {data.shape} differs from the input's {scan.shape}")
     header = scan.image.header.copy()
-    img = type(scan.image)(labels, scan.affine, header)
-    img.set_data_dtype(np.uint8)
+    img = type(scan.image)(data, scan.affine, header)
+    img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"], img.header["cal_max"] = 0, int(labels.max())
-    img.header["descrip"] = b"mri-ensemble labels"
+    img.header["cal_min"], img.header["cal_max"] = 0, float(data.max()) if data.size else 0
+    img.header["descrip"] = f"mri-ensemble {what}".encode()[:80]
     payload = img.to_bytes()
     if file_suffix(out) == ".nii.gz":
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
@@ -290,11 +322,16 @@ def save_labels_nifti(labels: np.ndarray, scan: NiftiScan, out: Path) -> None:
         with atomic_path(out) as tmp:
             tmp.write_bytes(payload)
     except OSError as exc:
-        raise DataError(f"{out}: could not write the labels ({exc})") from exc
+        raise DataError(f"{out}: could not write the {what} ({exc})") from exc
 
 
-def save_labels_png(labels: np.ndarray, out: Path) -> None:
-    """Write labels (H, W) as an 8-bit PNG whose pixel values are the class indices."""
+def save_labels_nifti(labels: np.ndarray, scan: NiftiScan, out: Path) -> None:
+    """Write labels uint8 of ``scan``'s spatial shape as NIfTI (:func:`save_nifti`)."""
+    save_nifti(np.asarray(labels, dtype=np.uint8), scan, out, "labels")
+
+
+def save_png(image: np.ndarray, out: Path, what: str) -> None:
+    """Write an 8-bit image (H, W) as PNG, atomically."""
     from PIL import Image
 
     from ..inputs import file_suffix
@@ -302,12 +339,23 @@ def save_labels_png(labels: np.ndarray, out: Path) -> None:
 
     out = Path(out)
     if file_suffix(out) != ".png":
-        raise ConfigError(f"{out}: a label image output needs a .png name")
+        raise ConfigError(f"{out}: a {what} image output needs a .png name")
     try:
         with atomic_path(out) as tmp:
-            Image.fromarray(np.asarray(labels, dtype=np.uint8)).save(tmp, format="PNG")
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
     except OSError as exc:
-        raise DataError(f"{out}: could not write the labels ({exc})") from exc
+        raise DataError(f"{out}: could not write the {what} ({exc})") from exc
+
+
+def save_labels_png(labels: np.ndarray, out: Path) -> None:
+    """Write labels (H, W) as an 8-bit PNG whose pixel values are the class indices."""
+    save_png(labels, out, "label")
+
+
+def uncertainty_png(entropy: np.ndarray, n_classes: int) -> np.ndarray:
+    """An entropy map (H, W) as 8 bits: 0 certain .. 255 the maximum, log(n_classes)."""
+    top = np.log(max(2, n_classes))
+    return np.round(np.clip(entropy / top, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def _classes_from_files(root: Path, params: Mapping[str, Any], n_classes: int) -> list[str]:
@@ -350,6 +398,8 @@ class Segmentation(Task):
     )
     mixup = True
     input_kinds = ("nifti", "image")
+    flag_metric = "dice"
+    probabilistic = True
 
     @property
     def nets(self) -> Mapping[str, Any]:
@@ -471,6 +521,19 @@ class Segmentation(Task):
     def fusable(self, outputs: torch.Tensor) -> torch.Tensor:
         return probabilities(outputs)
 
+    def uncertainty_maps(self, outputs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Predictive entropy (nats) of the fused probabilities, and the members'
+        disagreement (mutual information)."""
+        from ..ensemble.uncertainty import segmentation_uncertainty
+
+        entropy, mi = segmentation_uncertainty(outputs, weights)
+        return {"entropy": entropy, "mutual_information": mi}
+
+    def error_map(self, fused: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        """1 where the fused labels (or the argmax of fused probabilities) are wrong."""
+        labels = fused.argmax(1) if fused.ndim == 4 else fused
+        return (labels != truth).astype(np.float32)
+
     def output_classes(
         self, root: Path, params: Mapping[str, Any], specs: Mapping[str, Mapping[str, Any]]
     ) -> list[str]:
@@ -501,7 +564,16 @@ class Segmentation(Task):
         return segment_image(predictor, path, pixel_mm, batch_size or 32)
 
     def save_result(self, result: SegmentationResult, out: Path) -> None:
-        """NIfTI for NIfTI inputs (with their affine), PNG for image inputs."""
+        """NIfTI for NIfTI inputs (with their affine), PNG for image inputs; the entropy map
+        beside it (:func:`uncertainty_path`): float32 NIfTI in nats, or an 8-bit PNG scaled
+        to log K (:func:`uncertainty_png`). The labels are written last."""
+        if result.uncertainty is not None:
+            side = uncertainty_path(out)
+            if result.scan is not None:
+                save_nifti(result.uncertainty, result.scan, side, "uncertainty (entropy, nats)")
+            else:
+                k = len(result.class_names)
+                save_png(uncertainty_png(result.uncertainty, k), side, "uncertainty")
         if result.scan is not None:
             save_labels_nifti(result.labels, result.scan, out)
         else:
