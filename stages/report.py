@@ -60,6 +60,11 @@ def overlay_slices(label: np.ndarray, k: int) -> np.ndarray:
     return np.sort(ranked[np.linspace(0, len(ranked) - 1, k).astype(int)])
 
 
+def signed(x: Any) -> str:
+    """Like :func:`fmt`, with a sign."""
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:+.4f}"
+
+
 def fmt_weights(weights: dict) -> str:
     return ", ".join(
         f"{m} " + ("/".join(f"{x:.2f}" for x in w.values()) if isinstance(w, dict) else f"{w:.2f}")
@@ -648,7 +653,7 @@ def trust_block(metrics: dict[str, dict]) -> str:
             ece_cell = f"{fmt(ece['ece'])} / {fmt(ece['ece_tempered'])}" if ece else "—"
             lines.append(
                 f"| {task} | {split} | {u['map']} | {fmt(u['correlation'])} | {metric} "
-                f"{fmt(f['flagged_score'])} / {fmt(f['rest_score'])} / {f['loss']:+.4f} | "
+                f"{fmt(f['flagged_score'])} / {fmt(f['rest_score'])} / {signed(f['loss'])} | "
                 f"{ece_cell} |"
             )
     return "\n".join(lines)

@@ -244,7 +244,9 @@ def _stale_tmp(tmp: Path, project: Path) -> Run:
 
     def check() -> None:
         assert out.is_file() and not stale.exists()
-        assert sorted(p.name for p in out.parent.iterdir()) == ["labels.nii.gz"]  # no lock left
+        assert sorted(p.name for p in out.parent.iterdir()) == [
+            "labels.nii.gz", "labels_uncertainty.nii.gz",
+        ]  # no lock or temporary left  # fmt: skip
         assert nib.load(out).shape == (40, 36, 3)
 
     return Run(predict_seg(inp, out, "--root", str(project)), [], [inp], check=check)
