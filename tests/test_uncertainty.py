@@ -74,6 +74,8 @@ def test_the_most_uncertain_cases_are_flagged_and_their_loss_measured():
     assert uncertain_cases(unc, score, 0.4)["flagged"] == ["a", "e"]
     with pytest.raises(DataError, match="fraction"):
         uncertain_cases(unc, score, 1.0)
+    alone = uncertain_cases({"a": 0.5}, {"a": 0.9})  # one case: nothing to compare
+    assert alone["flagged"] == [] and np.isnan(alone["loss"])
 
 
 def test_uncertainty_that_follows_the_error_correlates_per_case():

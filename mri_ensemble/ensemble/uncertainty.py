@@ -99,13 +99,14 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def uncertain_cases(
     uncertainty: dict[str, float], score: dict[str, float], fraction: float = 0.2
 ) -> dict[str, object]:
-    """Rank cases by mean uncertainty; the most uncertain ``fraction`` (at least one case)
-    against the rest: their mean score, and how much less the flagged ones score."""
+    """Rank cases by mean uncertainty; the most uncertain ``fraction`` (at least one case,
+    never all) against the rest: their mean score, and how much less the flagged ones
+    score. Fewer than two cases: nothing is flagged and the scores are NaN."""
     if not 0 < fraction < 1:
         raise DataError(f"fraction must lie in (0, 1), found {fraction}")
     cases = sorted(uncertainty, key=lambda c: (-uncertainty[c], c))
     if len(cases) < 2:
-        return {"flagged": cases, "flagged_score": float("nan"), "rest_score": float("nan"),
+        return {"flagged": [], "flagged_score": float("nan"), "rest_score": float("nan"),
                 "loss": float("nan")}  # fmt: skip
     k = min(len(cases) - 1, max(1, int(np.ceil(fraction * len(cases)))))
     flagged, rest = cases[:k], cases[k:]
