@@ -464,8 +464,10 @@ def build_app(root: Path | str = ".", device: str = "auto") -> gr.Blocks:
             [seg_file, seg_model, seg_unsure],
             [seg_message, seg_image, seg_legend, seg_slice, seg_download, seg_state],
         )
+        # .input: the user's changes only; a run setting the slider must not re-render the
+        # images it just sent (the same cache files rewritten while the browser reads them)
         for control in (seg_slice, seg_unsure):
-            control.change(
+            control.input(
                 lambda state, i, u: _seg_view(state, i, u) if state else (None, ""),
                 [seg_state, seg_slice, seg_unsure],
                 [seg_image, seg_legend],
@@ -485,7 +487,7 @@ def build_app(root: Path | str = ".", device: str = "auto") -> gr.Blocks:
                 rec_state,
             ],
         )
-        rec_slice.change(
+        rec_slice.input(
             lambda state, i: _recon_view(state, i) if state else (None, None, None, None),
             [rec_state, rec_slice],
             [rec_zero, rec_image, rec_target, rec_error],
