@@ -125,3 +125,22 @@ def test_a_failing_body_ends_the_run_failed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"), mlflow_run({}, "m", {}) as run:
         raise RuntimeError("boom")
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_the_ensemble_run_sums_what_its_members_measured(tmp_path, monkeypatch):
+    """train@ remembers its measured cost beside its run id; the shipped ensemble's MLflow
+    run gets the sum over the members that run, and only samples when one is unknown."""
+    from stages.ensemble import ensemble_cost
+    from stages.tracking import remember_run, remembered_cost
+
+    monkeypatch.chdir(tmp_path)
+    remember_run("segmentation-a", "r1", {"cpu_seconds": 10.0, "wall_seconds": 6.0})
+    remember_run("segmentation-b", "r2", {"cpu_seconds": 5.0, "wall_seconds": 4.0})
+    assert remembered_cost("segmentation-a") == {"cpu_seconds": 10.0, "wall_seconds": 6.0}
+    samples = {"ensemble_samples_seen": 300}
+    weights = {"a": 0.5, "b": 0.5, "c": 0.0}  # c does not run: its cost is not counted
+    assert ensemble_cost("segmentation", samples, weights) == {
+        "train_samples_seen": 300.0, "train_cpu_seconds": 15.0, "train_wall_seconds": 10.0,
+    }  # fmt: skip
+    weights["c"] = 0.2  # a member restored from the run-cache: no measured cost here
+    assert ensemble_cost("segmentation", samples, weights) == {"train_samples_seen": 300.0}
