@@ -69,6 +69,13 @@ def _grey(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.repeat((255 * scaled).astype(np.uint8)[..., None], 3, axis=2)
 
 
+def _side_by_side(grey: np.ndarray, blended: np.ndarray) -> np.ndarray:
+    """The plain slice and the blended one, upscaled, with a white gap between them."""
+    left, right = _upscale(grey), _upscale(blended.astype(np.uint8))
+    gap = np.full((left.shape[0], 6, 3), 255, np.uint8)
+    return np.concatenate([left, gap, right], axis=1)
+
+
 def overlay(
     image: np.ndarray, labels: np.ndarray, n_classes: int, lo: float, hi: float
 ) -> np.ndarray:
@@ -80,9 +87,7 @@ def overlay(
             continue
         hit = labels == k
         blended[hit] = (1 - ALPHA) * blended[hit] + ALPHA * np.array(colour, np.float32)
-    left, right = _upscale(grey), _upscale(blended.astype(np.uint8))
-    gap = np.full((left.shape[0], 6, 3), 255, np.uint8)
-    return np.concatenate([left, gap, right], axis=1)
+    return _side_by_side(grey, blended)
 
 
 def uncertainty_overlay(
@@ -97,9 +102,7 @@ def uncertainty_overlay(
     heat = colormaps["magma"](level)[..., :3].astype(np.float32) * 255
     a = (0.85 * level)[..., None]
     blended = (1 - a) * grey.astype(np.float32) + a * heat
-    left, right = _upscale(grey), _upscale(blended.astype(np.uint8))
-    gap = np.full((left.shape[0], 6, 3), 255, np.uint8)
-    return np.concatenate([left, gap, right], axis=1)
+    return _side_by_side(grey, blended)
 
 
 def legend_html(
