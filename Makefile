@@ -13,10 +13,12 @@ export MPLBACKEND := Agg
 
 .PHONY: venv run repro test lint mlflow-ui mlflow-server services-stop prefect-ui serve ui bench clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the committed numbers were computed with (empty: none)
+CONSTRAINTS ?= constraints.txt
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,team]'
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev,team]'
 	touch $@
 
 venv: $(VENV)/.installed
