@@ -1,6 +1,7 @@
 """Prefect flow that schedules the DVC stages of the pipeline.
 
-ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> cost -> report,
+ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> distill -> cost
+-> report,
 then the shipped ensemble of each task is registered in the MLflow model registry.
 Every step is ``dvc --wait-for-lock repro -s <stage>``: DVC decides what is stale, so a
 second run with nothing changed is a no-op, and ``models=[...]`` reruns only those
@@ -141,6 +142,21 @@ def train_and_evaluate(name: str, env: dict[str, str], force: bool = False) -> s
     return dvc_stage(f"evaluate@{name}", env)
 
 
+def post_stages(params: dict, t: str) -> list[str]:
+    """What follows task ``t``'s models: ensemble@, then distill@ and cost@ where params.yaml
+    has their section (dvc.yaml: each a foreach over it)."""
+    more = [f"{s}@{t}" for s in ("distill", "cost") if t in (params.get(s) or {})]
+    return [f"ensemble@{t}", *more]
+
+
+@task(cache_policy=NO_CACHE, task_run_name="ensemble {t}")
+def finish_task(t: str, env: dict[str, str], stages: list[str]) -> str:
+    """One task's stages after its models (:func:`post_stages`), in order."""
+    for stage in stages:
+        dvc_stage(stage, env)
+    return t
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="push {root}")
 def dvc_push(stages: list[str], root: str | None = None) -> None:
     """``dvc push --run-cache`` of these stages' outputs (and every run-cache entry)."""
@@ -266,8 +282,13 @@ def run_dag(
         runner = (
             stack.enter_context(dask_cluster.task_runner(cluster, len(slots))) if cluster else None
         )
+        # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
+        after = {PARENT_RUN_ENV: parent}
+        post = {t: post_stages(params, t) for t in tasks}
         if remote:
             on_workers(params, chosen, tasks, env, force, runner)
+            for t in tasks:
+                finish_task(t, after, post[t])
         else:
             _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
             # one branch per model; a branch takes a free slot (a GPU, or a share of the
@@ -286,13 +307,21 @@ def run_dag(
                     else train_and_evaluate.submit(**kwargs)
                 )
                 running[futures[name]] = slot
+            # a task's ensemble, student and cost start once its own models are done, while
+            # the other task's trainings still run
+            waiting = {t: {n for n in chosen if params["train"][n]["task"] == t} for t in tasks}
+            names = {id(f): n for n, f in futures.items()}
+            chains = {}
+            for done in as_completed(list(futures.values())):
+                t = params["train"][names[id(done)]]["task"]
+                waiting[t].discard(names[id(done)])
+                mine = [n for n in chosen if params["train"][n]["task"] == t]
+                if not waiting[t] and all(_failure(futures[n]) is None for n in mine):
+                    chains[t] = finish_task.submit(t, after, post[t])
+            failed = {t: _failure(c) for t, c in chains.items()}  # every chain ends first
             _raise_failures("train/evaluate", futures, "; the other models' results are kept")
-        # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
-        after = {PARENT_RUN_ENV: parent}
-        for t in tasks:
-            dvc_stage(f"ensemble@{t}", after)
-            if t in params.get("cost", {}):  # dvc.yaml: cost foreach ${cost}
-                dvc_stage(f"cost@{t}", after)
+            if any(failed.values()):
+                _raise_failures("ensemble/distill/cost", chains)
         dvc_stage("report", after)
         mlflow.log_artifact(str(ROOT / "reports" / "report.md"))
         mlflow.log_artifacts(str(ROOT / "reports" / "figures"), artifact_path="figures")

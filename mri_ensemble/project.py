@@ -21,6 +21,7 @@ from .params import load_params
 from .tasks import get_task
 
 ENSEMBLE = "ensemble"
+STUDENT = "student"  # distill@<task>'s model: models/<task>/student/
 TRAIN_COMMAND = "`make run` (or `python -m flows.pipeline`)"
 
 Weight = float | dict[str, float]  # shared, or per class {class name: weight}

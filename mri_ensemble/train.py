@@ -235,6 +235,7 @@ def fit(
     progress: bool = True,
     batch_transform: BatchTransform | None = None,
     on_checkpoint: Callable[[list[Path]], None] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` on ``train_set``; checkpoints go to ``work_dir``.
 
@@ -256,6 +257,8 @@ def fit(
     ``epoch_cpu_seconds`` (process CPU time summed over the ranks: core-seconds) and
     ``epoch_wall_seconds``, which stay out of the history and the checkpoints (their bytes
     do not depend on the machine).
+    ``init``: weights to start from (fine-tuning, e.g. a distilled student) instead of the
+    seeded initialisation; name what they are in ``meta`` (it decides the resume).
     Returns the final ``last.pt`` state without weights: history, best epoch, etc.
     """
     device = resolve_device(cfg.device)
@@ -270,6 +273,8 @@ def fit(
             device = torch.device("cuda", world.local_rank)
     seed_everything(cfg.seed)
     model = spec.build().to(device)
+    if init is not None:
+        model.load_state_dict(init)
     net: nn.Module = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel

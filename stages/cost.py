@@ -21,6 +21,7 @@ from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.inference import load_members
 from mri_ensemble.io import write_json
 from mri_ensemble.nets import count_parameters
+from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import get_task
 
 from .common import cli, get, load_params, log
@@ -64,7 +65,10 @@ def main() -> None:
         raise ConfigError(f"params.yaml: cost.{args.task}.batch must be an int >= 1")
     sizes = read_sizes(args.ensemble, args.task)
     key = task.key_metric
-    checkpoints = member_checkpoints(args.models, args.task, sizes[-1]["members"])
+    names = list(sizes[-1]["members"])
+    if (args.models / STUDENT / "best.pt").is_file():  # distill@<task>'s student, beside them
+        names.append(STUDENT)
+    checkpoints = member_checkpoints(args.models, args.task, names)
     inputs = task.batch_inputs(args.data, batch)
     macs = macs_per_slice(checkpoints, inputs)
     n_params = {

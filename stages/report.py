@@ -35,6 +35,7 @@ from mri_ensemble.figures import (
     plot_uncertainty_maps,
 )
 from mri_ensemble.io import atomic_path
+from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import TASKS
 from mri_ensemble.tasks.reconstruction import zero_filled
 from mri_ensemble.tasks.segmentation import class_names_of
@@ -42,6 +43,11 @@ from mri_ensemble.tasks.segmentation import class_names_of
 from .common import cli, get, load_params, log, task_models, weights_array
 
 REPRODUCE = "make run   # or: dvc repro"
+SUMMARY_TITLES = {
+    "methods": "ensemble methods",
+    "trust": "where to distrust the ensemble",
+    "distill": "the ensemble distilled into one model",
+}
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -631,7 +637,60 @@ def readme_blocks(reports: Path) -> dict[str, str]:
     if metrics:
         out["methods"] = methods_block(metrics)
         out["trust"] = trust_block(metrics)
+    students = {t: reports / t / "student.json" for t in metrics}
+    students = {t: json.loads(f.read_text()) for t, f in students.items() if f.is_file()}
+    if students:
+        out["distill"] = distill_block(metrics, students, reports)
     return out
+
+
+def distill_block(metrics: dict[str, dict], students: dict[str, dict], reports: Path) -> str:
+    """Per task with a distilled student (distill@<task>): the best single model, the
+    shipped ensemble and the student on every scored test set, with parameters and MACs
+    per slice, and the share of the ensemble's gain over the best single model kept."""
+    lines = []
+    for task, st in students.items():
+        m, label = metrics[task], TASKS[task].report_columns[0][2].split()[-1]
+        splits = ["val", *(s for s in test_first(st["compared"]["splits"]) if s != "val")]
+        best = st["compared"]["best_single_model"]
+        members = ensemble_members(m["ensemble"]["weights"])
+        cost_file = reports / task / "cost.json"
+        cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
+        macs = cost.get("member_macs", {})
+
+        def gmacs(names: list[str], macs: dict = macs) -> str:
+            return (
+                f"{sum(macs[n] for n in names) / 1e9:.3f}" if all(n in macs for n in names) else "—"
+            )
+
+        how = "fine-tuned on it" if st["student"].get("init") == "trained" else "trained on it"
+        rows = (
+            (f"best single on val ({best})", m["models"][best]["params"], gmacs([best]),
+             "best_single"),
+            (f"**ensemble** ({len(members)} members)",
+             sum(m["models"][n]["params"] for n in members), gmacs(members), "ensemble"),
+            (f"student ({st['student']['trained_from']} {how}, alpha {st['student']['alpha']:g}, "
+             f"{st['student']['training']['epochs_run']} epochs)", st["student"]["params"],
+             gmacs([STUDENT]), "student"),
+        )  # fmt: skip
+        lines += [
+            f"| {task} | params | GMACs/slice | "
+            + " | ".join(f"{s} {label}" for s in splits)
+            + " |",
+            "|---|---:|---:|" + "---:|" * len(splits),
+        ]
+        for name, n, g, col in rows:
+            cells = " | ".join(fmt(st["compared"]["splits"][s][col]) for s in splits)
+            lines.append(f"| {name} | {int(n):,} | {g} | {cells} |")
+        kept = [f"{s} {fmt(st['compared']['splits'][s]['gain_kept'])}" for s in splits]
+        lines += [
+            "",
+            f"Share of the ensemble's {label} gain over the best single model that the "
+            f"student keeps, at one model's cost: {', '.join(kept)} (1: all of it, 0: none, "
+            "negative: below the best single model; — where the ensemble gains nothing).",
+            "",
+        ]
+    return "\n".join(lines).rstrip()
 
 
 def trust_block(metrics: dict[str, dict]) -> str:
@@ -733,7 +792,7 @@ def main() -> None:
     ]
     sections = {"segmentation": segmentation_section, "reconstruction": reconstruction_section}
     for task, body in readme_blocks(args.reports).items():
-        lines += [f"## Summary: {'ensemble methods' if task == 'methods' else task}", "", body, ""]
+        lines += [f"## Summary: {SUMMARY_TITLES.get(task, task)}", "", body, ""]
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
         for task, section in sections.items():

@@ -36,6 +36,7 @@ from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path, write_json
 from mri_ensemble.nets import count_parameters
 from mri_ensemble.tasks import get_task
+from mri_ensemble.tasks.base import Training
 from mri_ensemble.train import (
     BatchTransform,
     ModelSpec,
@@ -170,17 +171,44 @@ def main() -> None:
         "data": {"train": file_identity(args.train), "val": file_identity(args.val)},
     }
     work = RESUME_ROOT / task / model_name
+    if not world.main:  # rank 0 prepares the work folder, trains with us, writes everything
+        distributed.barrier()
+        fit(spec, train_set, loss_fn, validate, cfg, work, meta, None, False, batch_transform)
+        distributed.shutdown()
+        return
+    tags = {"task": task, "model": model_name, "arch": entry["arch"], "kind": "model"}
+    run_params = {**flatten(entry), "seed": cfg.seed, "n_params": n_params,
+                  "n_train": len(train_set)}  # fmt: skip
+    fit_and_save(params, args.name, (spec, loss_fn, train_set, validate), cfg, meta, work,
+                 args.out, args.history, tags, run_params, batch_transform)  # fmt: skip
+
+
+def fit_and_save(
+    params: dict,
+    name: str,
+    training: Training,
+    cfg: TrainConfig,
+    meta: dict,
+    work: Path,
+    out: Path,
+    history: Path,
+    tags: dict[str, str],
+    run_params: dict,
+    batch_transform: BatchTransform | None = None,
+    init: dict | None = None,
+) -> dict:
+    """Rank 0's part of one training (``name``: its ``<task>-<model>`` key): resume from
+    ``work`` (and its MLflow run) when the fingerprint matches, fit, then move the finished
+    checkpoints, history and summary into ``out`` in one rename and write ``history``
+    (CSV); ``init``: weights to start from (:func:`fit`). Returns the final state. train@
+    and distill@ both train through it."""
+    spec, loss_fn, train_set, validate = training
     fp = training_fingerprint(spec, cfg, meta)
     run_file = work / "mlflow_run.json"
     run_id = None
     if run_file.is_file() and (work / "last.pt").is_file():
         saved = json.loads(run_file.read_text())
         run_id = saved["run_id"] if saved.get("fingerprint") == fp else None
-    if not world.main:  # rank 0 prepares the work folder, trains with us, writes everything
-        distributed.barrier()
-        fit(spec, train_set, loss_fn, validate, cfg, work, meta, None, False, batch_transform)
-        distributed.shutdown()
-        return
     if run_id is None and work.exists():
         shutil.rmtree(work)
     share = os.environ.get(SHARE_ENV) == "1"
@@ -191,19 +219,11 @@ def main() -> None:
             log.info("resuming from the last.pt that MLflow run %s shared", run_id)
     distributed.barrier()
 
-    tags = {"task": task, "model": model_name, "arch": entry["arch"], "kind": "model",
-            "fingerprint": fp}  # fmt: skip
-    with mlflow_run(params, model_name, tags, run_id=run_id) as run:
+    model_name = meta["model"]
+    with mlflow_run(params, model_name, {**tags, "fingerprint": fp}, run_id=run_id) as run:
         if not run.resumed:
             write_json(run_file, {"fingerprint": fp, "run_id": run.run_id})
-            run.log_params(
-                {
-                    **flatten(entry),
-                    "seed": cfg.seed,
-                    "n_params": n_params,
-                    "n_train": len(train_set),
-                }
-            )
+            run.log_params(run_params)
 
         spent = {"cpu": 0.0, "wall": 0.0}  # this process's share (a resumed run adds its own)
 
@@ -227,29 +247,28 @@ def main() -> None:
             on_epoch,
             batch_transform=batch_transform,
             on_checkpoint=on_checkpoint if share else None,
+            init=init,
         )
         distributed.shutdown()
         summary = {
-            "task": task,
+            "task": meta["task"],
             "model": model_name,
-            "arch": entry["arch"],
-            "params": n_params,
+            "arch": spec.arch,
+            "params": int(run_params["n_params"]),
             "best_epoch": state["best_epoch"],
             "best_val_loss": state["best_val_loss"],
             "epochs_run": state["epoch"],
             "stopped_early": state["stopped_early"],
             "samples_seen": state["samples_seen"],
         }
-        with atomic_path(args.out) as tmp:
+        with atomic_path(out) as tmp:
             tmp.mkdir()
             for f in ("best.pt", "last.pt"):
                 shutil.copy2(work / f, tmp / f)
             (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_history_csv(args.history, state["history"])
-        remember_run(
-            args.name, run.run_id, {"cpu_seconds": spent["cpu"], "wall_seconds": spent["wall"]}
-        )
+        write_history_csv(history, state["history"])
+        remember_run(name, run.run_id, {"cpu_seconds": spent["cpu"], "wall_seconds": spent["wall"]})
         run.log_metrics(
             {
                 "best_val_loss": state["best_val_loss"],
@@ -259,14 +278,11 @@ def main() -> None:
                 "train_wall_seconds": spent["wall"],
             }
         )
-        run.log_artifact(args.out / "best.pt", artifact_path="checkpoint")
+        run.log_artifact(out / "best.pt", artifact_path="checkpoint")
     shutil.rmtree(work, ignore_errors=True)
-    log.info(
-        "trained %s: best epoch %d, val_loss %.4f",
-        args.name,
-        state["best_epoch"],
-        state["best_val_loss"],
-    )
+    log.info("trained %s: best epoch %d, val_loss %.4f", name, state["best_epoch"],
+             state["best_val_loss"])  # fmt: skip
+    return state
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from conftest import copy_project
 
+from mri_ensemble.data.prepared import read_segmentation_h5 as read_segmentation
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("unet", "attention_unet", "unetpp")
 RECON_MODELS = ("attention_unet", "varnet", "dircn_unet", "dircn_attention")
@@ -197,7 +199,8 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     from mri_ensemble.cost import recommend
     from mri_ensemble.ensemble import ensemble_members
 
-    assert set(cost["member_macs"]) == set(metrics["models"])
+    students = {"student"} if task in params.get("distill", {}) else set()  # distill@<task>
+    assert set(cost["member_macs"]) == set(metrics["models"]) | students
     for row, size in zip(cost["sizes"], sizes, strict=True):
         runs = ensemble_members(size["weights"])
         assert row["macs"] == pytest.approx(sum(cost["member_macs"][m] for m in runs))
@@ -209,6 +212,51 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     assert cost["recommendation"] in report and f"figures/{task}_pareto.png" in report
     png = project / f"reports/figures/{task}_pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flow_distils_the_ensemble_into_a_student_that_predict_serves(project: Path):
+    """distill@segmentation: the best single model on val fine-tuned on the ensemble's soft
+    outputs, scored on every set beside both, in the cost table, the report and the README
+    block, and afterwards an ordinary model (its own MLflow run, ``--model student``)."""
+    metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
+    st = json.loads((project / "reports/segmentation/student.json").read_text())
+    best = max(metrics["models"], key=lambda m: metrics["models"][m]["val"]["iou"])
+    assert st["student"]["trained_from"] == best == st["compared"]["best_single_model"]
+    assert st["student"]["init"] == "trained" and st["student"]["alpha"] == 0.5
+    assert st["student"]["params"] == metrics["models"][best]["params"]
+    assert st["student"]["training"]["epochs_run"] >= 1
+    splits = st["compared"]["splits"]
+    assert set(splits) == {"val", "test", "shift_acquisition"}
+    for split, c in splits.items():
+        assert c["student"] == st[split]["iou"]
+        assert c["ensemble"] == metrics["ensemble"][split]["iou"]
+        assert c["best_single"] == metrics["models"][best][split]["iou"]
+        gain = c["ensemble"] - c["best_single"]
+        if gain > 0:
+            assert c["gain_kept"] == pytest.approx((c["student"] - c["best_single"]) / gain)
+        else:
+            assert c["gain_kept"] is None  # NaN in strict JSON
+    assert (project / "models/segmentation/student/best.pt").is_file()
+    with (project / "reports/segmentation/history/student.csv").open() as f:
+        assert {"epoch", "train_loss", "val_loss", "val_iou"} <= set(
+            f.readline().strip().split(",")
+        )
+    from stages.report import readme_blocks
+
+    block = readme_blocks(project / "reports")["distill"]
+    assert f"student ({best} fine-tuned on it, alpha 0.5, " in block
+    assert block in (project / "reports/report.md").read_text()
+    assert not (project / "reports/reconstruction/student.json").exists()
+    import nibabel as nib
+
+    test = np.asarray(read_segmentation(project / "data/prepared/segmentation/test.h5").image)
+    volume = nib.Nifti1Image(test[:3].transpose(2, 1, 0), np.diag([4.5, 4.5, 10.0, 1.0]))
+    nib.save(volume, project / "scan.nii.gz")
+    out = sh([sys.executable, "-m", "mri_ensemble.cli", "predict", "--task", "segmentation",
+              "--model", "student", "--root", str(project), "-i", str(project / "scan.nii.gz"),
+              "-o", str(project / "scan_student.nii.gz"), "--no-progress"], project)  # fmt: skip
+    labels = np.asarray(nib.load(project / "scan_student.nii.gz").dataobj)
+    assert labels.shape == test[:3].transpose(2, 1, 0).shape, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("task, flag", [("segmentation", "dice"), ("reconstruction", "ssim")])

@@ -269,3 +269,34 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         image = torch.tensor(self.image[index][None], dtype=torch.float32)  # (1, H, W)
         label = torch.tensor(self.label[index], dtype=torch.int64)  # (H, W)
         return image, label
+
+
+class SoftTargetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Slices with a teacher's class probabilities blended into their labels (distillation):
+    item i -> (image (1, H, W), ``alpha * teacher[i] + (1 - alpha) * one_hot(label[i])``
+    (K, H, W)) float32. Every multi-class loss takes such soft targets
+    (:mod:`mri_ensemble.losses`): ``alpha = 1`` learns the teacher alone, 0 the labels alone."""
+
+    def __init__(self, data: SegmentationSet, teacher: np.ndarray, alpha: float) -> None:
+        n, h, w = data.label.shape
+        if teacher.ndim != 4 or teacher.shape[0] != n or teacher.shape[2:] != (h, w):
+            raise DataError(
+                f"teacher probabilities of shape {teacher.shape} do not match {n} slices of {h}x{w}"
+            )
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha should be in [0, 1], got {alpha}")
+        self.image = data.image
+        self.label = data.label
+        self.teacher = np.asarray(teacher, dtype=np.float32)
+        self.alpha = float(alpha)
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.tensor(self.image[index][None], dtype=torch.float32)  # (1, H, W)
+        k = self.teacher.shape[1]
+        hard = torch.nn.functional.one_hot(torch.tensor(self.label[index], dtype=torch.int64), k)
+        soft = torch.from_numpy(self.teacher[index])
+        target = self.alpha * soft + (1.0 - self.alpha) * hard.permute(2, 0, 1).float()
+        return image, target

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..predict import Predictor
+    from ..inference import Predictor
     from ..train import ModelSpec
 
 Validate = Callable[[nn.Module, torch.device], dict[str, float]]
@@ -71,6 +71,21 @@ class Task(ABC):
     @abstractmethod
     def training(self, entry: dict[str, Any], train: Path, val: Path, seed: int) -> Training:
         """Network spec, loss, training set and validation function of one train entry."""
+
+    def distillation(
+        self,
+        entry: dict[str, Any],
+        train: Path,
+        val: Path,
+        seed: int,
+        teacher: Predictor,
+        alpha: float,
+    ) -> Training:
+        """A student's training against ``teacher`` (the shipped ensemble): as
+        :meth:`training` for ``entry``, with the teacher's outputs on the training set
+        blended into the targets (``alpha``: the teacher's share); validation stays on the
+        labels. ConfigError where the task has no distillation."""
+        raise ConfigError(f"distillation is not available for {self.name}")
 
     def check_arch(self, arch: str) -> None:
         if arch not in self.nets:

@@ -461,6 +461,35 @@ class Segmentation(Task):
         val_set = read_segmentation_h5(val)
         return spec, loss_fn, SliceDataset(train_data), make_validate(val_set, loss_fn)
 
+    def distillation(
+        self,
+        entry: dict[str, Any],
+        train: Path,
+        val: Path,
+        seed: int,
+        teacher: Predictor,
+        alpha: float,
+    ) -> Training:
+        """The student's own loss on ``alpha`` x the ensemble's fused class probabilities +
+        (1 - alpha) x the one-hot labels of every training slice (soft Dice and focal terms
+        for ``dice_focal``); the teacher runs once over the training set."""
+        from ..data.prepared import SoftTargetDataset
+
+        if entry.get("loss") == "bce":
+            raise ConfigError(
+                "params.yaml: a distillation student needs a multi-class loss, not 'bce' "
+                "(it learns the ensemble's class probabilities)"
+            )
+        spec, loss_fn, _, validate = self.training(entry, train, val, seed)
+        data = read_segmentation_h5(train)
+        soft = ensemble_probabilities(teacher, data.image, progress=True)
+        if soft.shape[1] != spec.out_channels:
+            raise DataError(
+                f"{train}: the ensemble predicts {soft.shape[1]} classes, the student "
+                f"{spec.out_channels}"
+            )
+        return spec, loss_fn, SoftTargetDataset(data, soft, alpha), validate
+
     # evaluation
     def predict(
         self,
