@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -28,6 +31,28 @@ SMALL_RECON = {
 def test_registry_is_the_union_of_the_task_tables():
     assert set(REGISTRY) == set(SEGMENTATION) | set(RECONSTRUCTION)
     assert not set(SEGMENTATION) & set(RECONSTRUCTION)
+
+
+def test_every_entry_names_a_builder_of_its_module():
+    for name, entry in REGISTRY.items():
+        assert callable(entry.resolve()), name
+        assert entry.resolve().__module__ == f"mri_ensemble.nets.{entry.module}", name
+
+
+def test_a_network_without_monai_does_not_import_monai():
+    """A stage builds one network: the U-Net's or the VarNet's process does not pay the
+    seconds MONAI's import takes; an attention U-Net's does."""
+    code = (
+        "import sys\n"
+        "from mri_ensemble.nets import build_model\n"
+        "build_model('unet', 1, 4, {'features': [4, 8]})\n"
+        "build_model('varnet', 2, 1, {'cascades': 1, 'chans': 4})\n"
+        "print('monai' in sys.modules)\n"
+        "build_model('attention_unet', 1, 4, {'channels': [4, 8]})\n"
+        "print('monai' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr
 
 
 @pytest.mark.parametrize("arch", sorted(RECONSTRUCTION))
