@@ -1,7 +1,7 @@
 """Prefect flow that schedules the DVC stages of the pipeline.
 
 ingest -> augment -> (train -> evaluate) per model, in parallel -> ensemble -> distill -> cost
--> report,
+-> report (the order is dvc.yaml's, read through DVC: flows/dag.py),
 then the shipped ensemble of each task is registered in the MLflow model registry.
 Every step is ``dvc --wait-for-lock repro -s <stage>``: DVC decides what is stale, so a
 second run with nothing changed is a no-op, and ``models=[...]`` reruns only those
@@ -51,6 +51,7 @@ from prefect.states import State
 
 from flows import cluster as dask_cluster
 from flows.cluster import ClusterError
+from flows.dag import Plan, read_plan
 from flows.placement import plan_slots, visible_gpus
 from stages.common import flatten
 from stages.tracking import PARENT_RUN_ENV, SHARE_ENV, experiment_name, tracking_uri
@@ -125,33 +126,33 @@ def dvc_stage(
 
 
 @task(cache_policy=NO_CACHE, task_run_name="ingest+augment {name}")
-def prepare(name: str, env: dict[str, str]) -> str:
-    """ingest@<task> then augment@<task> (one task's data; the tasks prepare in parallel)."""
-    dvc_stage(f"ingest@{name}", env)
-    return dvc_stage(f"augment@{name}", env)
+def prepare(name: str, stages: list[str], env: dict[str, str]) -> str:
+    """One task's data stages (:class:`flows.dag.Plan` ``data``: ingest@, augment@), in
+    order; the tasks prepare in parallel."""
+    for stage in stages:
+        dvc_stage(stage, env)
+    return name
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name}")
-def train_and_evaluate(name: str, env: dict[str, str], force: bool = False) -> str:
-    """train@<name> then evaluate@<name> in one task (one model's branch of the DAG).
+def train_and_evaluate(
+    name: str, stages: list[str], env: dict[str, str], force: bool = False
+) -> str:
+    """One model's branch of the DAG (``Plan.branches``: train@, evaluate@) in one task;
+    ``force`` retrains (the first stage).
 
-    Both are nested task runs, each with dvc_stage's retries: a failed evaluate is retried
+    Each is a nested task run with dvc_stage's retries: a failed evaluate is retried
     alone, without retraining.
     """
-    dvc_stage(f"train@{name}", env, force)
-    return dvc_stage(f"evaluate@{name}", env)
-
-
-def post_stages(params: dict, t: str) -> list[str]:
-    """What follows task ``t``'s models: ensemble@, then distill@ and cost@ where params.yaml
-    has their section (dvc.yaml: each a foreach over it)."""
-    more = [f"{s}@{t}" for s in ("distill", "cost") if t in (params.get(s) or {})]
-    return [f"ensemble@{t}", *more]
+    for i, stage in enumerate(stages):
+        dvc_stage(stage, env, force and i == 0)
+    return name
 
 
 @task(cache_policy=NO_CACHE, task_run_name="ensemble {t}")
 def finish_task(t: str, env: dict[str, str], stages: list[str]) -> str:
-    """One task's stages after its models (:func:`post_stages`), in order."""
+    """One task's stages after its models (``Plan.after``: ensemble@, distill@, cost@),
+    in order."""
     for stage in stages:
         dvc_stage(stage, env)
     return t
@@ -173,7 +174,12 @@ def dvc_push(stages: list[str], root: str | None = None) -> None:
 
 @task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name} on a worker")
 def branch_on_worker(
-    name: str, data: str, env: dict[str, str], force: bool, head: dask_cluster.Head
+    name: str,
+    stages: list[str],
+    data: list[str],
+    env: dict[str, str],
+    force: bool,
+    head: dask_cluster.Head,
 ) -> dict:
     """One model's branch on a Dask worker, in the worker's own checkout of the head's
     commit (flows/cluster.py); in place when the worker shares the head's checkout."""
@@ -182,14 +188,16 @@ def branch_on_worker(
     if os.environ.get("MRI_ENSEMBLE_THREADS"):  # set where the worker was started
         env = {**env, "MRI_ENSEMBLE_THREADS": os.environ["MRI_ENSEMBLE_THREADS"]}
     if head.is_here(root):  # a LocalCluster: the head's workspace, as without a cluster
-        train_and_evaluate(name, env, force)
+        train_and_evaluate(name, stages, env, force)
         return where
     dask_cluster.sync_checkout(root, head.commit)
     r = str(root)
-    dvc_stage(f"augment@{data}", env, root=r, pull=True, upstream=True)  # ingest+augment back
-    dvc_stage(f"train@{name}", {**env, SHARE_ENV: "1"}, force, root=r, pull=True)
-    dvc_stage(f"evaluate@{name}", env, root=r, pull=True)
-    dvc_push([f"train@{name}", f"evaluate@{name}"], r)
+    dvc_stage(data[-1], env, root=r, pull=True, upstream=True)  # the task's data, pulled
+    training, *rest = stages  # the training shares its checkpoints (a dead worker's resume)
+    dvc_stage(training, {**env, SHARE_ENV: "1"}, force, root=r, pull=True)
+    for stage in rest:
+        dvc_stage(stage, env, root=r, pull=True)
+    dvc_push(stages, r)
     return where
 
 
@@ -273,6 +281,7 @@ def run_dag(
     remote = cluster is not None and cluster != "local"
     if remote:
         dask_cluster.check_head(cluster, params)
+    plan = read_plan(ROOT, params["train"])
     mlflow, parent = _parent_run(params)
     env = {PARENT_RUN_ENV: parent}
     t0 = time.perf_counter()
@@ -284,13 +293,15 @@ def run_dag(
         )
         # the training thread share is not the timing's: cost@<task> times as `dvc repro` does
         after = {PARENT_RUN_ENV: parent}
-        post = {t: post_stages(params, t) for t in tasks}
+        post = {t: plan.after.get(t, []) for t in tasks}
         if remote:
-            on_workers(params, chosen, tasks, env, force, runner)
+            on_workers(params, plan, chosen, tasks, env, force, runner)
             for t in tasks:
                 finish_task(t, after, post[t])
         else:
-            _raise_failures("ingest/augment", {t: prepare.submit(t, env) for t in tasks})
+            _raise_failures(
+                "ingest/augment", {t: prepare.submit(t, plan.data[t], env) for t in tasks}
+            )
             # one branch per model; a branch takes a free slot (a GPU, or a share of the
             # cores) and the next waits until one is free
             futures, running, free = {}, {}, list(slots)
@@ -300,7 +311,8 @@ def run_dag(
                     free.append(running.pop(done))
                 slot = free.pop(0)
                 logger.info("train@%s on %s", name, slot.name)
-                kwargs = {"name": name, "env": {**env, **slot.env}, "force": force}
+                kwargs = {"name": name, "stages": plan.branches[name],
+                          "env": {**env, **slot.env}, "force": force}  # fmt: skip
                 futures[name] = (
                     runner.submit(train_and_evaluate, kwargs)  # a LocalCluster's worker
                     if runner is not None
@@ -322,7 +334,8 @@ def run_dag(
             _raise_failures("train/evaluate", futures, "; the other models' results are kept")
             if any(failed.values()):
                 _raise_failures("ensemble/distill/cost", chains)
-        dvc_stage("report", after)
+        for stage in plan.joins:
+            dvc_stage(stage, after)
         mlflow.log_artifact(str(ROOT / "reports" / "report.md"))
         mlflow.log_artifacts(str(ROOT / "reports" / "figures"), artifact_path="figures")
         for t in tasks:
@@ -337,7 +350,13 @@ def run_dag(
 
 
 def on_workers(
-    params: dict, chosen: list[str], tasks: list[str], env: dict, force: bool, runner: Any
+    params: dict,
+    plan: Plan,
+    chosen: list[str],
+    tasks: list[str],
+    env: dict,
+    force: bool,
+    runner: Any,
 ) -> None:
     """The model branches on the Dask workers, then restored here from the run-cache."""
     import dask
@@ -345,8 +364,8 @@ def on_workers(
     logger = get_run_logger()
     head = dask_cluster.head(ROOT)
     for t in tasks:  # the data are prepared here, once, and reach the workers by the remote
-        prepare(t, env)
-    dvc_push([s for t in tasks for s in (f"ingest@{t}", f"augment@{t}")])
+        prepare(t, plan.data[t], env)
+    dvc_push([s for t in tasks for s in plan.data[t]])
     uri = dask_cluster.shared_tracking_uri(tracking_uri(params), ROOT)
     worker_env = {**env, "MLFLOW_TRACKING_URI": uri}
     threads = int((params.get("scale") or {}).get("threads_per_training", 0))
@@ -356,29 +375,37 @@ def on_workers(
     futures = {}
     for name in chosen:
         with dask.annotate(resources=needs) if needs else contextlib.nullcontext():
-            kwargs = {"name": name, "data": params["train"][name]["task"], "env": worker_env,
+            kwargs = {"name": name, "stages": plan.branches[name],
+                      "data": plan.data[params["train"][name]["task"]], "env": worker_env,
                       "force": force, "head": head}  # fmt: skip
             futures[name] = runner.submit(branch_on_worker, kwargs)
     _raise_failures("train/evaluate", futures, "; the other models' results are kept")
     for name, future in futures.items():
         w = future.result()
         logger.info("train@%s ran on %s (pid %s) in %s", name, w["host"], w["pid"], w["checkout"])
-        for stage in (f"train@{name}", f"evaluate@{name}"):  # the workers' outputs, here
+        for stage in plan.branches[name]:  # the workers' outputs, here
             dvc_stage(stage, env, pull=True)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="register {t}")
 def register(t: str) -> int:
     """The task's shipped ensemble in the MLflow model registry (``mri-ensemble-<task>``,
-    alias ``champion`` on the best val score); an unchanged ensemble adds no version.
+    alias ``champion`` on the best val score), and its distilled student where distill@
+    trained one (``mri-ensemble-<task>-student``); an unchanged one adds no version.
     Retried: the sqlite store can be briefly locked by a stage still closing its run."""
-    from stages.registry import register_ensemble
+    from mri_ensemble.project import STUDENT
+    from stages.registry import register_ensemble, registered_name
 
-    version, new = register_ensemble(ROOT, t)
-    get_run_logger().info(
-        "registry: mri-ensemble-%s version %d%s", t, version, "" if new else " (unchanged)"
-    )
-    return version
+    student = (ROOT / "models" / t / STUDENT / "best.pt").is_file()
+    versions = {}
+    for model in (None, *([STUDENT] if student else [])):
+        version, new = register_ensemble(ROOT, t, model)
+        versions[model] = version
+        get_run_logger().info(
+            "registry: %s version %d%s", registered_name(t, model), version,
+            "" if new else " (unchanged)",
+        )  # fmt: skip
+    return versions[None]
 
 
 def _raise_failures(what: str, futures: dict[str, object], note: str = "") -> None:

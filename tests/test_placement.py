@@ -10,6 +10,7 @@ import os
 import pytest
 import yaml
 
+from flows.dag import Plan
 from flows.placement import plan_slots, visible_gpus
 
 
@@ -118,6 +119,11 @@ def fake_project(tmp_path, monkeypatch, api):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(fp, "ROOT", tmp_path)
     monkeypatch.setattr(fp, "register", lambda t: 0)
+    # the DAG of these four models as dvc.yaml would give it (no dvc.yaml here: a fake dvc)
+    plan = Plan({"segmentation": ["ingest@segmentation", "augment@segmentation"]},
+                {k: [f"train@{k}", f"evaluate@{k}"] for k in train},
+                {"segmentation": ["ensemble@segmentation"]}, ["report"])  # fmt: skip
+    monkeypatch.setattr(fp, "read_plan", lambda root, entries: plan)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_DVC_LOG", str(tmp_path / "dvc.log"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
