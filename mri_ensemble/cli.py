@@ -102,11 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def registry_project(uri: str, dest: Path) -> tuple[Path, str]:
-    """Download a registered ensemble (``models:/<name>@<alias>`` or ``/<version>``) into
-    ``dest`` with MLflow's own command (``mlflow artifacts download``, against
-    ``MLFLOW_TRACKING_URI``; the library imports no MLflow); (its project folder, its task).
-    ConfigError naming the URI when it fails."""
+def registry_project(uri: str, dest: Path) -> tuple[Path, str, str | None]:
+    """Download a registered ensemble or model (``models:/<name>@<alias>`` or
+    ``/<version>``) into ``dest`` with MLflow's own command (``mlflow artifacts download``,
+    against ``MLFLOW_TRACKING_URI``; the library imports no MLflow); (its project folder,
+    its task, the one model it holds or None: the ensemble). ConfigError naming the URI
+    when it fails."""
     import json
     import subprocess
 
@@ -118,12 +119,13 @@ def registry_project(uri: str, dest: Path) -> tuple[Path, str]:
         raise ConfigError(f"--model-uri {uri}: could not fetch it from the registry ({why})")
     root = Path(proc.stdout.strip().splitlines()[-1]) / "artifacts" / "project"
     try:
-        task = str(json.loads((root / "task.json").read_text())["task"])
+        about = json.loads((root / "task.json").read_text())
+        task, model = str(about["task"]), about.get("model")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"--model-uri {uri}: not an mri-ensemble bundle (no artifacts/project/task.json)"
         ) from exc
-    return root, task
+    return root, task, None if model is None else str(model)
 
 
 def predict(args: argparse.Namespace) -> tuple[str, int]:
@@ -137,12 +139,12 @@ def predict(args: argparse.Namespace) -> tuple[str, int]:
     with tempfile.TemporaryDirectory(prefix="mri-ensemble-registry-") as tmp:
         root, model = args.root, args.model
         if args.model_uri:
-            root, task = registry_project(args.model_uri, Path(tmp))
+            root, task, model = registry_project(args.model_uri, Path(tmp))
             if args.task and args.task != task:
                 raise ConfigError(
                     f"--task {args.task}: the registered model {args.model_uri} is a {task} one"
                 )
-            args.task, model = task, None
+            args.task = task
         if not args.task:
             raise ConfigError(
                 "--task: required (segmentation or reconstruction) without --model-uri"

@@ -1,4 +1,5 @@
-"""The shipped ensemble in the MLflow model registry: one registered model per task.
+"""The shipped ensemble in the MLflow model registry: one registered model per task, and
+one per task's distilled student (``mri-ensemble-<task>-student``, where distill@ ran).
 
 :func:`register_ensemble` bundles what loading needs (the members' ``best.pt``, the task's
 ``ensemble.json`` and ``params.yaml`` for preprocessing) as the artifacts of an MLflow
@@ -14,6 +15,7 @@ Loading, anywhere with this package's dependencies installed::
     labels = model.predict(images)      # (N, H, W) float32 slices on the network grid
     recon = mlflow.pyfunc.load_model("models:/mri-ensemble-reconstruction@champion")
     images = recon.predict("file_brain.h5")   # a fastMRI HDF5 path -> (S, H, W)
+    student = mlflow.pyfunc.load_model("models:/mri-ensemble-segmentation-student@champion")
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import mri_ensemble
 from mri_ensemble.ensemble import ensemble_members
 from mri_ensemble.errors import DataError
+from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,9 @@ REQUIREMENTS = [  # what loading needs (the package's own pins, see pyproject.to
 ]
 
 
-def registered_name(task: str) -> str:
-    return f"mri-ensemble-{task}"
+def registered_name(task: str, model: str | None = None) -> str:
+    """``mri-ensemble-<task>`` (the ensemble), ``mri-ensemble-<task>-<model>`` (one model)."""
+    return f"mri-ensemble-{task}" + (f"-{model}" if model else "")
 
 
 try:  # the class is only needed where mlflow is installed (always, in this project)
@@ -61,14 +65,17 @@ try:  # the class is only needed where mlflow is installed (always, in this proj
 
     class EnsembleModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
         """pyfunc wrapper: the task's ensemble (:class:`~mri_ensemble.inference.EnsembleNet`,
-        loaded by :func:`~mri_ensemble.inference.load_predictor`)."""
+        loaded by :func:`~mri_ensemble.inference.load_predictor`), or the one model that
+        the bundle's ``task.json`` names."""
 
         def load_context(self, context: Any) -> None:
             from mri_ensemble.inference import load_predictor
 
             root = Path(context.artifacts["project"])
-            self.task = get_task(json.loads((root / "task.json").read_text())["task"])
-            self.predictor = load_predictor(root, self.task.name, "ensemble", device="auto")
+            about = json.loads((root / "task.json").read_text())
+            self.task = get_task(about["task"])
+            model = about.get("model", "ensemble")
+            self.predictor = load_predictor(root, self.task.name, model, device="auto")
 
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
             return self.task.predict_array(self.predictor, model_input)
@@ -85,32 +92,56 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _bundle(root: Path, task: str, dest: Path) -> tuple[dict[str, Any], str]:
-    """Copy what loading needs into ``dest``; returns (ensemble.json, fingerprint)."""
-    ens_file = root / "reports" / task / "ensemble.json"
-    if not ens_file.is_file():
-        raise DataError(f"{ens_file}: missing; run the ensemble stage first")
-    ens = json.loads(ens_file.read_text())
+def _record(root: Path, task: str, model: str | None) -> dict[str, Any]:
+    """What is registered: the ensemble's ``ensemble.json``, or one model's method, weight
+    and scores (the student's from ``student.json``, any other's from ``metrics.json``)."""
+    rep = root / "reports" / task
+    if model is None:
+        path = rep / "ensemble.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run the ensemble stage first")
+        return dict(json.loads(path.read_text()))
+    path = rep / ("student.json" if model == STUDENT else "metrics.json")
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the stage that scores {model} first")
+    scores = json.loads(path.read_text())
+    scores = scores if model == STUDENT else scores["models"][model]
+    return {"method": "single", "weights": {model: 1.0}, "val": scores["val"],
+            "test": scores["test"]}  # fmt: skip
+
+
+def _bundle(
+    root: Path, task: str, dest: Path, model: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Copy what loading needs into ``dest`` (``model``: that one model, not the ensemble);
+    returns (:func:`_record`, fingerprint)."""
+    ens = _record(root, task, model)
     h = hashlib.sha256(f"{BUNDLE_FORMAT}{json.dumps(ens['weights'], sort_keys=True)}".encode())
     for m in sorted(ensemble_members(ens["weights"])):  # the members predict runs
         ckpt = root / "models" / task / m / "best.pt"
         if not ckpt.is_file():
-            raise DataError(f"{ckpt}: checkpoint of ensemble member {m} missing")
+            raise DataError(
+                f"{ckpt}: checkpoint of {'ensemble member ' if model is None else ''}{m} missing"
+            )
         (dest / "models" / task / m).mkdir(parents=True)
         shutil.copy2(ckpt, dest / "models" / task / m / "best.pt")
         h.update(_sha256(ckpt).encode())
-    (dest / "reports" / task).mkdir(parents=True)
-    keep = ("method", "weights", "val", "test", "crossfit", "data_consistency")
-    slim = {k: ens[k] for k in keep if k in ens}
-    (dest / "reports" / task / "ensemble.json").write_text(json.dumps(slim, indent=1))
+    if model is None:
+        (dest / "reports" / task).mkdir(parents=True)
+        keep = ("method", "weights", "val", "test", "crossfit", "data_consistency")
+        slim = {k: ens[k] for k in keep if k in ens}
+        (dest / "reports" / task / "ensemble.json").write_text(json.dumps(slim, indent=1))
     shutil.copy2(root / "params.yaml", dest / "params.yaml")
-    (dest / "task.json").write_text(json.dumps({"task": task}))
+    (dest / "task.json").write_text(
+        json.dumps({"task": task, **({"model": model} if model else {})})
+    )
     return ens, h.hexdigest()[:16]
 
 
-def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
-    """Register ``task``'s shipped ensemble from project ``root`` in the tracking URI that
-    MLflow is set to (an active run, if any, owns the logged model).
+def register_ensemble(root: Path, task: str, model: str | None = None) -> tuple[int, bool]:
+    """Register ``task``'s shipped ensemble (``model``: that one trained model instead, as
+    :func:`registered_name` ``(task, model)``, e.g. the student) from project ``root`` in
+    the tracking URI that MLflow is set to (an active run, if any, owns the logged model).
 
     Returns (version, registered_now): an unchanged bundle returns the latest version.
     The alias ``champion`` moves to the new version when its val score is at least the
@@ -120,19 +151,19 @@ def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name = registered_name(task)
+    name = registered_name(task, model)
     key = get_task(task).key_metric
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "project"
         bundle.mkdir()
-        ens, fp = _bundle(Path(root), task, bundle)
+        ens, fp = _bundle(Path(root), task, bundle, model)
         existing = client.search_model_versions(f"name = '{name}'")
         for mv in existing:
             if mv.tags.get("fingerprint") == fp:
                 log.info("registry: %s version %s already holds this ensemble", name, mv.version)
                 return int(mv.version), False
         info = mlflow.pyfunc.log_model(
-            name="ensemble",
+            name=model or "ensemble",
             python_model=EnsembleModel(),
             artifacts={"project": str(bundle)},
             code_paths=[str(PACKAGE), str(Path(__file__).resolve().parent)],
@@ -153,9 +184,12 @@ def register_ensemble(root: Path, task: str) -> tuple[int, bool]:
         tags[f"crossfit_{key}"] = f"{float(ens['crossfit'][key]):.6f}"
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)
-    client.update_model_version(
-        name, str(version), description=f"{task} ensemble ({tags['method']}): {tags['members']}"
+    what = (
+        f"{task} ensemble ({tags['method']}): {tags['members']}"
+        if model is None
+        else (f"{task} model {model}")
     )
+    client.update_model_version(name, str(version), description=what)
     try:
         champion = client.get_model_version_by_alias(name, ALIAS)
         best = float(champion.tags.get(f"val_{key}", "-inf"))
