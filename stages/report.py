@@ -13,15 +13,14 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mri_ensemble.baselines import threshold_segmentation
-from mri_ensemble.data.predictions import read_probabilities, read_reconstructions
-from mri_ensemble.data.prepared import read_segmentation_h5
-from mri_ensemble.data.prepared_recon import read_reconstruction_h5
 from mri_ensemble.ensemble import combine, combine_images, ensemble_members
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.figures import (
@@ -243,211 +242,6 @@ def trust_lines(task: str, details: dict, figures: Path) -> list[str]:
     return lines
 
 
-def segmentation_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
-    task = "segmentation"
-    rep = args.reports / task
-    metrics = json.loads((rep / "metrics.json").read_text())
-    ens_details = json.loads((rep / "ensemble.json").read_text())
-    models = task_models(params, task)
-    ens, base = metrics["ensemble"], metrics["baselines"].get("threshold")
-    mean = ens_details["unweighted_mean"]
-    test = read_segmentation_h5(args.prepared / task / "test.h5")
-    names = class_names_of(test)
-    FG = names[1:]
-
-    lines = [f"## Segmentation (classes {', '.join(FG)}; source: {test.attrs.get('source')})", ""]
-    lines += [
-        "Mean foreground IoU and Dice per case (3-D, ACDC style); weights searched on val only.",
-        "",
-        "| model | params | val IoU | val Dice | test IoU | test Dice | "
-        + " | ".join(f"test Dice {c}" for c in FG)
-        + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(FG),
-    ]
-
-    def row(name: str, n: Any, val: dict | None, test: dict) -> str:
-        per = [fmt(test["per_class"][c]["dice"]) for c in FG]
-        v = val or {}
-        return (
-            f"| {name} | {n} | {fmt(v.get('iou'))} | {fmt(v.get('dice'))} | "
-            f"{fmt(test['iou'])} | {fmt(test['dice'])} | " + " | ".join(per) + " |"
-        )
-
-    for m in models:
-        mm = metrics["models"][m]
-        lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
-    total = sum(metrics["models"][m]["params"] for m in models)
-    members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
-    kept = sum(metrics["models"][m]["params"] for m in members)
-    w = fmt_weights(ens["weights"])
-    lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
-    lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
-    if base is not None:
-        lines.append(row("threshold baseline (multi-Otsu)", "0", None, base["test"]))
-
-    best = max(models, key=lambda m: metrics["models"][m]["val"]["iou"])
-    b = metrics["models"][best]
-    gain = ens["test"]["iou"] - b["test"]["iou"]
-    lines += [
-        "",
-        f"Best single model on val: **{best}**. The ensemble changes test IoU by "
-        f"**{gain:+.4f}** ({ens['test']['iou']:.4f} vs {b['test']['iou']:.4f}) at "
-        f"{kept / b['params']:.2f}x its parameters ({len(members)} members). "
-        f"Search: {ens_details['candidates_evaluated']} candidates.",
-        "",
-    ]
-
-    histories = {m: read_history(rep / "history" / f"{m}.csv") for m in models}
-    plot_loss_curves(histories, figures / f"{task}_loss_curves.png", title="Segmentation")
-    bars = {
-        m: {c: metrics["models"][m]["test"]["per_class"][c]["dice"] for c in FG} for m in models
-    }
-    bars["ensemble"] = {c: ens["test"]["per_class"][c]["dice"] for c in FG}
-    if base is not None:
-        bars["threshold"] = {c: base["test"]["per_class"][c]["dice"] for c in FG}
-    plot_metric_bars(bars, figures / f"{task}_per_class_dice.png", ylabel="test Dice")
-    points = {
-        m: (metrics["models"][m]["params"] / 1e6, metrics["models"][m]["test"]["iou"])
-        for m in models
-    }
-    points["ensemble"] = (kept / 1e6, ens["test"]["iou"])
-    plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", "test IoU")
-
-    idx = overlay_slices(test.label, int(get(params, "report.overlay_slices", 4)))
-    probs = np.stack(
-        [read_probabilities(args.predictions / task / m / "test.h5")[0][idx] for m in models]
-    )  # (M, K, C, H, W)
-    preds = {m: probs[i].argmax(1) for i, m in enumerate(models)}
-    weights = weights_array(ens["weights"], models)
-    preds["ensemble"] = combine(probs, weights).argmax(1)
-    if base is not None:
-        preds["threshold"] = threshold_segmentation(test.image, test.case)[idx]
-    plot_segmentation_overlays(
-        test.image[idx], test.label[idx], preds, figures / f"{task}_overlays.png", names
-    )
-    error = TASKS[task].error_map(preds["ensemble"], test.label[idx])
-    maps = TASKS[task].uncertainty_maps(probs, weights)
-    plot_uncertainty_maps(test.image[idx], error, maps, figures / f"{task}_uncertainty.png")
-    lines += [*shifted_block(task, metrics), ""]
-    lines += ensemble_science(task, "iou", rep, figures)
-    for name, title in (
-        ("loss_curves", "Loss curves"),
-        ("per_class_dice", "Per-class test Dice"),
-        ("overlays", "Test overlays"),
-        ("uncertainty", "Uncertainty beside the error (test)"),
-        ("gain_cost", "Gain versus cost"),
-    ):
-        lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
-    return lines
-
-
-def reconstruction_section(params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
-    task = "reconstruction"
-    rep = args.reports / task
-    metrics = json.loads((rep / "metrics.json").read_text())
-    ens_details = json.loads((rep / "ensemble.json").read_text())
-    models = task_models(params, task)
-    ens, base = metrics["ensemble"], metrics["baselines"]
-    mean = ens_details["unweighted_mean"]
-    test = read_reconstruction_h5(args.prepared / task / "test.h5")
-    accel = test.mask.shape[1] / test.mask.sum(1).mean()
-
-    lines = [
-        "## Reconstruction (accelerated multi-coil MRI)",
-        "",
-        f"{test.kspace.shape[1]} coils, {test.kspace.shape[2]}x{test.kspace.shape[3]}, "
-        f"{test.attrs.get('mask', {}).get('kind', '?')} masks at {accel:.1f}x acceleration "
-        f"(source: {test.attrs.get('source')}). SSIM, PSNR and NMSE per volume with data range "
-        "= the volume's target maximum (fastMRI evaluation), averaged over volumes; weights "
-        "searched on val SSIM only.",
-        "",
-        "| model | params | val SSIM | test SSIM | test PSNR (dB) | test NMSE |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-
-    def row(name: str, n: str, val: dict | None, t: dict) -> str:
-        v = val or {}
-        return (
-            f"| {name} | {n} | {fmt(v.get('ssim'))} | {fmt(t['ssim'])} | "
-            f"{t['psnr']:.2f} | {fmt(t['nmse'])} |"
-        )
-
-    for m in models:
-        mm = metrics["models"][m]
-        lines.append(row(m, f"{mm['params']:,}", mm["val"], mm["test"]))
-    members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
-    kept = sum(metrics["models"][m]["params"] for m in members)
-    total = sum(metrics["models"][m]["params"] for m in models)
-    w = fmt_weights(ens["weights"])
-    lines.append(row(f"**ensemble** ({ens['method']}: {w})", f"{kept:,}", ens["val"], ens["test"]))
-    lines.append(row("unweighted mean", f"{total:,}", mean["val"], mean["test"]))
-    lines.append(row("GRAPPA baseline", "0", base["grappa"]["val"], base["grappa"]["test"]))
-    lines.append(
-        row("zero-filled baseline", "0", base["zero_filled"]["val"], base["zero_filled"]["test"])
-    )
-    best = max(models, key=lambda m: metrics["models"][m]["val"]["ssim"])
-    b = metrics["models"][best]
-    gain = ens["test"]["ssim"] - b["test"]["ssim"]
-    lines += [
-        "",
-        f"Best single model on val: **{best}**. The ensemble changes test SSIM by "
-        f"**{gain:+.4f}** ({ens['test']['ssim']:.4f} vs {b['test']['ssim']:.4f}) at "
-        f"{kept / b['params']:.2f}x its parameters ({len(members)} members). "
-        f"Search: {ens_details['candidates_evaluated']} candidates.",
-        "",
-    ]
-    histories = {m: read_history(rep / "history" / f"{m}.csv") for m in models}
-    plot_loss_curves(histories, figures / f"{task}_loss_curves.png", title="Reconstruction")
-    points = {
-        m: (metrics["models"][m]["params"] / 1e6, metrics["models"][m]["test"]["ssim"])
-        for m in models
-    }
-    points["ensemble"] = (kept / 1e6, ens["test"]["ssim"])
-    points["GRAPPA"] = (0.0, base["grappa"]["test"]["ssim"])
-    plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", "test SSIM")
-
-    k = int(get(params, "report.overlay_slices", 4))
-    idx = np.linspace(0, len(test) - 1, min(k, len(test))).round().astype(int)
-    recons = np.stack(
-        [read_reconstructions(args.predictions / task / m / "test.h5")[0][idx] for m in models]
-    )  # (M, K, H, W)
-    weights = weights_array(ens["weights"], models)
-    images = {"zero-filled": zero_filled(test.subset(idx)), "GRAPPA": test.grappa[idx]}
-    images.update({m: recons[i] for i, m in enumerate(models)})
-    images["ensemble"] = combine_images(recons, weights)
-    plot_reconstructions(test.target[idx], images, figures / f"{task}_examples.png")
-    error = TASKS[task].error_map(images["ensemble"], test.target[idx])
-    maps = TASKS[task].uncertainty_maps(recons, weights)
-    plot_uncertainty_maps(test.target[idx], error, maps, figures / f"{task}_uncertainty.png")
-    lines += [*shifted_block(task, metrics), ""]
-    dc = ens_details.get("data_consistency")
-    if dc:
-        splits = list(dc["scores"]["true"])
-        lines += [
-            "Data consistency on the fused image (the acquired k-space lines put back; "
-            f"shipped: {'on' if dc['on'] else 'off'}), SSIM:",
-            "",
-            "| fused ensemble | " + " | ".join(splits) + " |",
-            "|---|" + "---:|" * len(splits),
-            *(
-                f"| {'with' if flag == 'true' else 'without'} data consistency | "
-                + " | ".join(fmt(dc["scores"][flag][s]["ssim"]) for s in splits)
-                + " |"
-                for flag in ("true", "false")
-            ),
-            "",
-        ]
-    lines += ensemble_science(task, "ssim", rep, figures)
-    for name, title in (
-        ("loss_curves", "Loss curves"),
-        ("examples", "Test reconstructions and error maps"),
-        ("uncertainty", "Uncertainty beside the error (test)"),
-        ("gain_cost", "Gain versus cost"),
-    ):
-        lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
-    return lines
-
-
 # ----------------------------------------------------------------- README results blocks
 # The README's results tables and the sentences that state gains are generated here from
 # the committed ``reports/<task>/metrics.json`` and ``cost.json`` (both kept in git), held
@@ -458,10 +252,11 @@ RESULTS_BEGIN, RESULTS_END = "<!-- results:begin {} -->", "<!-- results:end {} -
 
 
 def _cell(scores: dict | None, key: str) -> str:
-    x = (scores or {}).get(key)
+    """``scores``' metric ``key`` (a path ``a.b.c``: see :func:`_score`) for a table."""
+    x = _score(scores, key)
     if x is None or not np.isfinite(x):
         return "—"
-    return f"{x:.2f}" if key == "psnr" else f"{x:.4f}"
+    return f"{x:.2f}" if key.rsplit(".", 1)[-1] == "psnr" else f"{x:.4f}"
 
 
 def shifted_splits(metrics: dict) -> list[str]:
@@ -528,6 +323,216 @@ def shifted_block(task: str, metrics: dict) -> list[str]:
         f"best single model on val ({best}).",
     ]
     return lines
+
+
+def _score(scores: dict | None, path: str) -> Any:
+    """``scores[a][b][c]`` for the metric path ``a.b.c`` (None where a key is missing)."""
+    x: Any = scores or {}
+    for part in path.split("."):
+        x = x.get(part) if isinstance(x, dict) else None
+    return x
+
+
+# ----------------------------------------------------------------- one section per task
+# What every task's section shares is written once (task_section); what differs is a
+# Section of this module: its intro, its table's columns, the test slices it shows and the
+# figures only it draws. They stay here, not on the Task (mri_ensemble/tasks is a dep of
+# every training): a figure or a sentence changes no training stage.
+@dataclass(frozen=True)
+class Section:
+    intro: Callable[[Any], list[str]]  # the test set -> heading and what the numbers are
+    columns: Callable[[Any], list[tuple[str, str, str]]]  # (split, metric path, header)
+    slices: Callable[[Any, int], np.ndarray]  # the test set, k -> the slices the figures show
+    # (test set, slices, members' outputs of them (M, k, ...), weights, metrics, models,
+    # figures folder) -> (stem, title) of each figure it drew, in section order
+    figures: Callable[..., list[tuple[str, str]]]
+    notes: Callable[[dict], list[str]] = lambda details: []  # ensemble.json -> more lines
+    gain_cost_baselines: tuple[tuple[str, str], ...] = ()  # (baseline, label) at 0 params
+
+
+def task_section(task: str, params: dict, args: argparse.Namespace, figures: Path) -> list[str]:
+    """The report's section of ``task``: its table (every model, the shipped ensemble, the
+    unweighted mean, the baselines), the gain over the best single model, the figures, the
+    shifted test sets, and the ensemble's methods, cost, contributions and trust."""
+    t, spec = TASKS[task], SECTIONS[task]
+    rep = args.reports / task
+    metrics = json.loads((rep / "metrics.json").read_text())
+    details = json.loads((rep / "ensemble.json").read_text())
+    models = task_models(params, task)
+    ens, key = metrics["ensemble"], t.key_metric
+    label = t.report_columns[0][2].split()[-1]
+    test = t.read(args.prepared / task / "test.h5")
+    columns = spec.columns(test)
+    lines = [
+        *spec.intro(test),
+        "| model | params | " + " | ".join(h for _, _, h in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+
+    def row(name: str, n: int, scores: dict) -> str:
+        cells = (_cell(scores.get(s), m) for s, m, _ in columns)
+        return f"| {name} | {n:,} | " + " | ".join(cells) + " |"
+
+    params_of = {m: int(metrics["models"][m]["params"]) for m in models}
+    members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
+    kept = sum(params_of[m] for m in members)
+    lines += [row(m, params_of[m], metrics["models"][m]) for m in models]
+    w = fmt_weights(ens["weights"])
+    lines.append(row(f"**ensemble** ({ens['method']}: {w})", kept, ens))
+    lines.append(row("unweighted mean", sum(params_of.values()), details["unweighted_mean"]))
+    for name, title in t.report_baselines:
+        if name in metrics["baselines"]:
+            lines.append(row(title, 0, metrics["baselines"][name]))
+    best = max(models, key=lambda m: metrics["models"][m]["val"][key])
+    b = metrics["models"][best]
+    lines += [
+        "",
+        f"Best single model on val: **{best}**. The ensemble changes test {label} by "
+        f"**{ens['test'][key] - b['test'][key]:+.4f}** ({ens['test'][key]:.4f} vs "
+        f"{b['test'][key]:.4f}) at {kept / b['params']:.2f}x its parameters ({len(members)} "
+        f"members). Search: {details['candidates_evaluated']} candidates.",
+        "",
+    ]
+    histories = {m: read_history(rep / "history" / f"{m}.csv") for m in models}
+    plot_loss_curves(histories, figures / f"{task}_loss_curves.png", title=task.capitalize())
+    idx = spec.slices(test, int(get(params, "report.overlay_slices", 4)))
+    outputs = np.stack(
+        [t.read_outputs(args.predictions / task / m / "test.h5")[0][idx] for m in models]
+    )  # (M, k, ...)
+    weights = weights_array(ens["weights"], models)
+    own = spec.figures(test, idx, outputs, weights, metrics, models, figures)
+    points = {m: (params_of[m] / 1e6, metrics["models"][m]["test"][key]) for m in models}
+    points["ensemble"] = (kept / 1e6, ens["test"][key])
+    for name, point in spec.gain_cost_baselines:
+        points[point] = (0.0, metrics["baselines"][name]["test"][key])
+    plot_gain_cost(points, figures / f"{task}_gain_cost.png", "parameters (M)", f"test {label}")
+    lines += [*shifted_block(task, metrics), "", *spec.notes(details)]
+    lines += ensemble_science(task, key, rep, figures)
+    for name, title in (("loss_curves", "Loss curves"), *own, ("gain_cost", "Gain versus cost")):
+        lines += [f"### {title}", "", f"![{title}](figures/{task}_{name}.png)", ""]
+    return lines
+
+
+def segmentation_intro(test: Any) -> list[str]:
+    fg = ", ".join(class_names_of(test)[1:])
+    return [
+        f"## Segmentation (classes {fg}; source: {test.attrs.get('source')})",
+        "",
+        "Mean foreground IoU and Dice per case (3-D, ACDC style); weights searched on val only.",
+        "",
+    ]
+
+
+def segmentation_columns(test: Any) -> list[tuple[str, str, str]]:
+    per_class = [
+        ("test", f"per_class.{c}.dice", f"test Dice {c}") for c in class_names_of(test)[1:]
+    ]
+    return [("val", "iou", "val IoU"), ("val", "dice", "val Dice"), ("test", "iou", "test IoU"),
+            ("test", "dice", "test Dice"), *per_class]  # fmt: skip
+
+
+def segmentation_figures(
+    test: Any, idx: np.ndarray, probs: np.ndarray, weights: np.ndarray, metrics: dict,
+    models: list[str], figures: Path,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """Per-class test Dice bars, overlays (truth, each model, ensemble, threshold baseline)
+    and the uncertainty maps beside the error."""
+    names = class_names_of(test)
+    base = metrics["baselines"].get("threshold")
+    bars = {m: {c: metrics["models"][m]["test"]["per_class"][c]["dice"] for c in names[1:]}
+            for m in models}  # fmt: skip
+    bars["ensemble"] = {c: metrics["ensemble"]["test"]["per_class"][c]["dice"] for c in names[1:]}
+    if base is not None:
+        bars["threshold"] = {c: base["test"]["per_class"][c]["dice"] for c in names[1:]}
+    plot_metric_bars(bars, figures / "segmentation_per_class_dice.png", ylabel="test Dice")
+    preds = {m: probs[i].argmax(1) for i, m in enumerate(models)}
+    preds["ensemble"] = combine(probs, weights).argmax(1)
+    if base is not None:
+        preds["threshold"] = threshold_segmentation(test.image, test.case)[idx]
+    plot_segmentation_overlays(
+        test.image[idx], test.label[idx], preds, figures / "segmentation_overlays.png", names
+    )
+    error = TASKS["segmentation"].error_map(preds["ensemble"], test.label[idx])
+    maps = TASKS["segmentation"].uncertainty_maps(probs, weights)
+    plot_uncertainty_maps(test.image[idx], error, maps, figures / "segmentation_uncertainty.png")
+    return [("per_class_dice", "Per-class test Dice"), ("overlays", "Test overlays"),
+            ("uncertainty", "Uncertainty beside the error (test)")]  # fmt: skip
+
+
+def reconstruction_intro(test: Any) -> list[str]:
+    accel = test.mask.shape[1] / test.mask.sum(1).mean()
+    return [
+        "## Reconstruction (accelerated multi-coil MRI)",
+        "",
+        f"{test.kspace.shape[1]} coils, {test.kspace.shape[2]}x{test.kspace.shape[3]}, "
+        f"{test.attrs.get('mask', {}).get('kind', '?')} masks at {accel:.1f}x acceleration "
+        f"(source: {test.attrs.get('source')}). SSIM, PSNR and NMSE per volume with data range "
+        "= the volume's target maximum (fastMRI evaluation), averaged over volumes; weights "
+        "searched on val SSIM only.",
+        "",
+    ]
+
+
+def reconstruction_slices(test: Any, k: int) -> np.ndarray:
+    """``k`` test slices evenly spread over the set."""
+    return np.linspace(0, len(test) - 1, min(k, len(test))).round().astype(int)
+
+
+def reconstruction_figures(
+    test: Any, idx: np.ndarray, recons: np.ndarray, weights: np.ndarray, metrics: dict,
+    models: list[str], figures: Path,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """Target, zero-filled, GRAPPA, each model and the ensemble with error maps, and the
+    uncertainty maps beside the error."""
+    images = {"zero-filled": zero_filled(test.subset(idx)), "GRAPPA": test.grappa[idx]}
+    images.update({m: recons[i] for i, m in enumerate(models)})
+    images["ensemble"] = combine_images(recons, weights)
+    plot_reconstructions(test.target[idx], images, figures / "reconstruction_examples.png")
+    error = TASKS["reconstruction"].error_map(images["ensemble"], test.target[idx])
+    maps = TASKS["reconstruction"].uncertainty_maps(recons, weights)
+    plot_uncertainty_maps(test.target[idx], error, maps, figures / "reconstruction_uncertainty.png")
+    return [("examples", "Test reconstructions and error maps"),
+            ("uncertainty", "Uncertainty beside the error (test)")]  # fmt: skip
+
+
+def data_consistency_notes(details: dict) -> list[str]:
+    """SSIM of the fused image with and without the acquired k-space lines put back."""
+    dc = details.get("data_consistency")
+    if not dc:
+        return []
+    splits = list(dc["scores"]["true"])
+    return [
+        "Data consistency on the fused image (the acquired k-space lines put back; "
+        f"shipped: {'on' if dc['on'] else 'off'}), SSIM:",
+        "",
+        "| fused ensemble | " + " | ".join(splits) + " |",
+        "|---|" + "---:|" * len(splits),
+        *(
+            f"| {'with' if flag == 'true' else 'without'} data consistency | "
+            + " | ".join(fmt(dc["scores"][flag][s]["ssim"]) for s in splits)
+            + " |"
+            for flag in ("true", "false")
+        ),
+        "",
+    ]
+
+
+SECTIONS = {
+    "segmentation": Section(
+        segmentation_intro,
+        segmentation_columns,
+        lambda test, k: overlay_slices(test.label, k),
+        segmentation_figures,
+    ),
+    "reconstruction": Section(
+        reconstruction_intro,
+        lambda test: list(TASKS["reconstruction"].report_columns),
+        reconstruction_slices,
+        reconstruction_figures,
+        notes=data_consistency_notes,
+        gain_cost_baselines=(("grappa", "GRAPPA"),),
+    ),
+}
 
 
 def results_block(task: str, metrics: dict, cost: dict | None) -> str:
@@ -790,14 +795,13 @@ def main() -> None:
         f"Generated by the `report` stage from the pipeline's own outputs. Reproduce: `{REPRODUCE}`.",
         "",
     ]
-    sections = {"segmentation": segmentation_section, "reconstruction": reconstruction_section}
     for task, body in readme_blocks(args.reports).items():
         lines += [f"## Summary: {SUMMARY_TITLES.get(task, task)}", "", body, ""]
     with atomic_path(args.figures) as tmp_fig:
         tmp_fig.mkdir()
-        for task, section in sections.items():
+        for task in SECTIONS:
             if task_models(params, task):
-                lines += section(params, args, tmp_fig)
+                lines += task_section(task, params, args, tmp_fig)
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
     log.info("wrote %s and %s/", args.out, args.figures)
