@@ -37,7 +37,7 @@ lint: venv
 # two workers (pytest-xdist), each module in one; the tiny run is built once for both (conftest.py)
 TEST_WORKERS ?= 2
 test: venv lint
-	pytest -n $(TEST_WORKERS) --dist loadfile
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 mlflow-ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

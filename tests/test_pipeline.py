@@ -26,7 +26,7 @@ from mri_ensemble.data.prepared import read_segmentation_h5 as read_segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("unet", "attention_unet", "unetpp")
-RECON_MODELS = ("attention_unet", "varnet", "dircn_unet", "dircn_attention")
+RECON_MODELS = ("attention_unet", "varnet", "dircn_attention")
 
 
 def tiny_params() -> dict:
@@ -39,9 +39,10 @@ def tiny_params() -> dict:
         split={"train": 0.4, "val": 0.4, "test": 0.2},
         shifted={"acquisition": 1},
     )
-    # three segmentation networks are enough for the DAG (every network: test_params.py)
-    p["train"] = {k: e for k, e in p["train"].items() if e["task"] != "segmentation"
-                  or e["model"] in MODELS}  # fmt: skip
+    # three networks of each task are enough for the DAG (every network: test_params.py;
+    # DIRCN's U-Net inner network: test_varnet_dircn.py)
+    p["train"] = {k: e for k, e in p["train"].items()
+                  if e["model"] in (MODELS if e["task"] == "segmentation" else RECON_MODELS)}  # fmt: skip
     p["augment"]["segmentation"]["copies"] = 1
     p["train"]["segmentation-unet"]["net"]["features"] = [4, 8, 16]
     p["train"]["segmentation-attention_unet"]["net"]["channels"] = [4, 8, 16]
@@ -60,7 +61,6 @@ def tiny_params() -> dict:
     small = {"cascades": 1, "chans": 4, "sens_chans": 2, "pools": 2, "sens_pools": 2}
     p["train"]["reconstruction-attention_unet"]["net"] = {"channels": [4, 8, 16], "fc_hidden": 32}
     p["train"]["reconstruction-varnet"]["net"] = {**small, "fc_hidden": 32}
-    p["train"]["reconstruction-dircn_unet"]["net"] = {**small, "inner": "unet_fc", "fc_hidden": 32}
     p["train"]["reconstruction-dircn_attention"]["net"] = {
         **small,
         "inner": "attention_unet",
@@ -88,8 +88,12 @@ def env_for(cwd: Path) -> dict[str, str]:
     }
 
 
-def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = env_for(cwd)
+def sh(
+    cmd: list[str], cwd: Path, check: bool = True, api: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cmd`` in ``cwd``; ``api``: against that Prefect API (else a flow run starts a
+    temporary server of its own, about 20 s of a core)."""
+    env = env_for(cwd) | ({"PREFECT_API_URL": api} if api else {})
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -98,16 +102,16 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-def build_tiny_run(proj: Path) -> Path:
+def build_tiny_run(proj: Path, api: str | None = None) -> Path:
     """A tiny-profile copy of the project in ``proj`` that has run the Prefect flow once
-    (the suite's ``tiny_run``, tests/conftest.py)."""
+    (the suite's ``tiny_run``, tests/conftest.py), against the Prefect API ``api``."""
     for name in ("mri_ensemble", "stages", "flows"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj)
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     sh(["git", "init", "-q"], proj)
     sh(["dvc", "init", "-q"], proj)
-    sh([sys.executable, "-m", "flows.pipeline"], proj)
+    sh([sys.executable, "-m", "flows.pipeline"], proj, api=api)
     return proj
 
 
@@ -300,7 +304,8 @@ def test_flow_reports_uncertainty_and_calibration(project: Path, task: str, flag
 
 
 def test_flow_registers_each_task_ensemble(project: Path):
-    """The registry holds one entry per task with the champion alias, loadable as pyfunc."""
+    """The registry holds one entry per task with the champion alias, loadable as pyfunc,
+    and the segmentation student."""
     import mlflow
     import numpy as np
 
@@ -314,6 +319,11 @@ def test_flow_registers_each_task_ensemble(project: Path):
             version = client.get_model_version_by_alias(f"mri-ensemble-{task}", "champion")
             ens = json.loads((project / f"reports/{task}/ensemble.json").read_text())
             assert version.tags["members"] == ",".join(ensemble_members(ens["weights"]))
+        # the student distill@segmentation trained, registered as a model of its own
+        student = client.get_model_version_by_alias("mri-ensemble-segmentation-student", "champion")
+        assert student.tags["members"] == "student"
+        scores = json.loads((project / "reports/segmentation/student.json").read_text())
+        assert student.tags["val_iou"] == f"{scores['val']['iou']:.6f}"
         cwd = os.getcwd()
         os.chdir(project)  # the store's artifact root is relative: ./mlruns
         try:
@@ -376,7 +386,7 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
     assert logged["ensemble.segmentation.method"] == "random+nelder_mead"
     children = {runs[r] for r, p in parents.items() if p == pipeline[0]}
     assert set(MODELS) <= children and any(c.startswith("ensemble") for c in children)
-    assert {"varnet", "dircn_unet", "dircn_attention"} <= children
+    assert set(RECON_MODELS) <= children
     (varnet,) = [r for r, n in runs.items() if n == "varnet"]
     keys = {k for (k,) in db.execute("SELECT key FROM metrics WHERE run_uuid=?", (varnet,))}
     assert {"train_loss", "val_ssim", "best_val_ssim", "test_ssim", "test_psnr"} <= keys
@@ -414,19 +424,22 @@ def test_mlflow_runs_grouped_under_one_parent(project: Path):
 def test_second_run_is_a_noop(project: Path):
     before = mtimes(project)
     assert "changed" not in sh(["dvc", "status"], project).stdout
-    out = sh([sys.executable, "-m", "flows.pipeline"], project)
+    out = sh([sys.executable, "-m", "flows.pipeline"], project)  # as `make run`: no server
     assert mtimes(project) == before
     log = out.stdout + out.stderr
     assert "up to date in" in log and " ran in " not in log
+    assert "Starting temporary server" in log
 
 
 def lock_outs(lock: dict, stage: str) -> dict[str, str]:
     return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
 
 
-def test_forced_reruns_one_and_two_at_a_time_rewrite_identical_bytes(project: Path, tmp_path):
+def test_forced_reruns_one_and_two_at_a_time_rewrite_identical_bytes(
+    project: Path, tmp_path, prefect_api
+):
     """HDF5, checkpoints, predictions and JSON reproduce byte for byte, whatever the
-    placement: the first run trained all seven models at once (one torch thread each on
+    placement: the first run trained all six models at once (one torch thread each on
     two cores); a forced augment, then the flow retraining two models with ``--parallel 1``
     and again with ``--parallel 2``, one thread each (``scale.threads_per_training: 1``;
     not a stage param, nothing goes stale), leave dvc.lock, the metrics and the histories
@@ -444,7 +457,7 @@ def test_forced_reruns_one_and_two_at_a_time_rewrite_identical_bytes(project: Pa
     for parallel in ("1", "2"):
         untouched = mtimes(copy)["unetpp"]
         out = sh([sys.executable, "-m", "flows.pipeline", "--force", "--parallel", parallel,
-                  "--models", *models], copy)  # fmt: skip
+                  "--models", *models], copy, api=prefect_api.url)  # fmt: skip
         log = out.stdout + out.stderr
         assert all(f"train@{m} ran in" in log for m in models), log[-2000:]
         assert "train@segmentation-unetpp ran in" not in log  # --models: those only
