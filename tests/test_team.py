@@ -35,7 +35,7 @@ import yaml
 from test_deploy import Api, deploy_params, free_port, prefect_server, start, stop, wait_until
 from test_pipeline import ROOT, env_for
 
-from flows.services import Postgres, ServiceError, mlflow_server_cmd, pg_bin
+from flows.services import Postgres, ServiceError, mlflow_server_cmd, mlflow_server_env, pg_bin
 
 EPOCHS = 2
 BUCKET = "mri-ensemble"
@@ -96,7 +96,7 @@ class Team:
         artifacts.mkdir(exist_ok=True)
         log = self.tmp / f"mlflow-{len(self.procs)}.log"
         cmd = mlflow_server_cmd(self.pg.uri, artifacts, port=self.mlflow_port, workers=2)
-        self.procs["mlflow server"] = (start(cmd, self.tmp, self.pg.client_env(), log), log)
+        self.procs["mlflow server"] = (start(cmd, self.tmp, mlflow_server_env(self.pg), log), log)
         wait_until(lambda: http_ok(f"{self.mlflow_url}/health"), "MLflow", 120, self.procs)
 
     def stop_mlflow(self) -> None:
@@ -218,6 +218,16 @@ def sha(path: Path) -> str:
 def model_keys(proj: Path) -> dict[str, tuple[str, str]]:
     p = yaml.safe_load((proj / "params.yaml").read_text())
     return {k: (e["task"], e["model"]) for k, e in p["train"].items()}
+
+
+def test_the_mlflow_server_runs_no_job_processes(team: Team):
+    """Job execution off (flows.services.mlflow_server_env): the server's session holds its
+    gunicorn workers and no Huey consumer or job runner."""
+    proc, _ = team.procs["mlflow server"]
+    ps = subprocess.run(["ps", "-o", "args=", "-s", str(proc.pid)], capture_output=True, text=True)
+    procs = ps.stdout.splitlines()
+    assert any("mlflow" in p for p in procs), procs
+    assert not [p for p in procs if "huey" in p or "_job_runner" in p], procs
 
 
 def test_mlflow_server_holds_every_run_point_and_artifact(origin: Origin):
