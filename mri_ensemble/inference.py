@@ -30,7 +30,8 @@ from . import project
 from .ensemble import ensemble_members
 from .errors import ConfigError, DataError
 from .tasks import Task, get_task
-from .train import load_model, resolve_device
+from .train import resolve_device
+from .tta import load_member
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def load_members(
     checkpoints: Sequence[Path], device: torch.device | str = "cpu"
 ) -> list[nn.Module]:
     """Trained members in eval mode from their ``best.pt`` checkpoints."""
-    return [load_model(Path(p), device)[0] for p in checkpoints]
+    return [load_member(Path(p), device)[0] for p in checkpoints]
 
 
 @dataclass
@@ -164,7 +165,7 @@ def _class_weights(member: Member, class_names: Sequence[str]) -> list[float]:
 
 def _load_member(path: Path, task: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     try:
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_member(path, device)
     except (RuntimeError, KeyError, TypeError) as exc:  # weights that do not fit the spec
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: checkpoint does not rebuild its network ({first})") from exc

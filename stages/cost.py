@@ -23,6 +23,7 @@ from mri_ensemble.io import write_json
 from mri_ensemble.nets import count_parameters
 from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import get_task
+from mri_ensemble.tta import trained_models
 
 from .common import cli, get, load_params, log
 
@@ -79,7 +80,8 @@ def main() -> None:
     for s in sizes:
         row = {k: s[k] for k in ("size", "added", "members", f"val_{key}", f"test_{key}")}
         runs = ensemble_members(s["weights"])  # what predict runs of this size
-        row["params"] = int(sum(n_params[m] for m in runs))
+        # a TTA candidate runs its model's weights: each set of weights counted once
+        row["params"] = int(sum(n_params[m] for m in trained_models(runs)))
         row["macs"] = float(sum(macs[m] for m in runs))
         rows.append(row)
         log.info("size %d (+%s): %.3f GMACs/slice", s["size"], s["added"], row["macs"] / 1e9)

@@ -44,6 +44,7 @@ from mri_ensemble.train import (
     resolve_device,
     set_threads_from_env,
 )
+from mri_ensemble.tta import best_single
 
 from .common import cli, flatten, get, load_params, log, model_entry, task_models
 from .tracking import mlflow_run, remembered_run
@@ -70,7 +71,7 @@ def student_entry(params: dict, task: str, metrics: Path) -> tuple[str, dict]:
             raise DataError(f"{metrics}: missing; run ensemble@{task} first")
         per_model = json.loads(metrics.read_text())["models"]
         key = get_task(task).key_metric
-        source = max(per_model, key=lambda m: per_model[m]["val"][key])
+        source = best_single(per_model, key)
     if source not in models:
         raise ConfigError(
             f"params.yaml: distill.{task}.student {source!r} is not a {task} model of train "
@@ -122,7 +123,7 @@ def comparison(scores: dict, metrics: dict, key: str) -> dict:
     val) key score, and the share of the ensemble's gain over that model the student keeps
     (NaN where the ensemble gains nothing)."""
     per_model = metrics["models"]
-    best = max(per_model, key=lambda m: per_model[m]["val"][key])
+    best = best_single(per_model, key)
     splits = {}
     for split, s in scores.items():
         student, ens = s[key], metrics["ensemble"][split][key]

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -34,9 +36,29 @@ from mri_ensemble.ensemble.evaluation import (
 from mri_ensemble.errors import ConfigError, DataError
 from mri_ensemble.io import write_json
 from mri_ensemble.tasks import Task, get_task
+from mri_ensemble.tta import base_model, best_single, candidate, is_candidate, trained_models
 
 from .common import cli, flatten, get, load_params, log, task_models
 from .tracking import mlflow_run, remembered_cost
+
+
+def ensemble_candidates(params: Mapping[str, Any], task: str) -> list[str]:
+    """What the weight search chooses from: the trained models of ``task``, then the TTA
+    candidates of ``tta`` (``<model>-flip``, tta@<task>-<model>), in params.yaml order."""
+    node = params.get("tta") or {}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"params.yaml: tta should be a mapping, found {type(node).__name__}")
+    trained = get(params, "train", kind=dict)
+    clash = sorted(k for k, e in trained.items() if is_candidate(str(e.get("model", ""))))
+    if clash:
+        raise ConfigError(f"params.yaml: train entries {clash}: a model name ending in "
+                          f"'{candidate('')}' is a TTA candidate's; rename the model")  # fmt: skip
+    missing = sorted(k for k in node if k not in trained)
+    if missing:
+        raise ConfigError(f"params.yaml: tta entries {missing} name no train entry")
+    flips = [candidate(e["model"]) for e in node.values()
+             if isinstance(e, Mapping) and e.get("task") == task]  # fmt: skip
+    return [*task_models(params, task), *flips]
 
 
 @cli
@@ -50,7 +72,7 @@ def main() -> None:
     params = load_params()
     task = get_task(args.task)
     p = get(params, f"ensemble.{task.name}", kind=dict)
-    models = task_models(params, args.task)
+    models = ensemble_candidates(params, args.task)  # the trained models and their TTA
     if not models:
         raise ConfigError(f"params.yaml: no train entries with task {args.task!r}")
     configs, folds = search_configs(p, task, int(get(params, "seed")))
@@ -58,7 +80,8 @@ def main() -> None:
     for m in models:
         path = args.predictions / m / "metrics.json"
         if not path.is_file():
-            raise DataError(f"{path}: missing; run evaluate@{args.task}-{m} first")
+            stage = "tta" if is_candidate(m) else "evaluate"
+            raise DataError(f"{path}: missing; run {stage}@{args.task}-{base_model(m)} first")
         mj = json.loads(path.read_text())
         per_model[m] = {
             k: v
@@ -184,18 +207,18 @@ def main() -> None:
     log_methods(params, args.task, models, methods, results, seconds, method_key(shipped),
                 ensemble_cost(task.name, metrics["training"], ens["weights"]))  # fmt: skip
 
-    best_single = max(per_model, key=lambda m: per_model[m]["val"][key])
+    best = best_single(per_model, key)
     log.info(
         "shipped ensemble %s: val %s %.4f (best single %s %.4f), cross-fitted %.4f, test %.4f "
         "(best single %.4f)",
         method_key(shipped),
         key,
         ens["val"][key],
-        best_single,
-        per_model[best_single]["val"][key],
+        best,
+        per_model[best]["val"][key],
         ens["crossfit"].get(key, float("nan")),
         ens["test"][key],
-        per_model[best_single]["test"][key],
+        per_model[best]["test"][key],
     )
 
 
@@ -205,7 +228,7 @@ def ensemble_cost(task: str, samples: dict, weights: dict) -> dict[str, float]:
     out = {}
     if samples:
         out["train_samples_seen"] = float(samples["ensemble_samples_seen"])
-    measured = [remembered_cost(f"{task}-{m}") for m in ensemble_members(weights)]
+    measured = [remembered_cost(f"{task}-{m}") for m in trained_models(ensemble_members(weights))]
     if measured and all(measured):
         out["train_cpu_seconds"] = sum(c["cpu_seconds"] for c in measured)
         out["train_wall_seconds"] = sum(c["wall_seconds"] for c in measured)
@@ -213,12 +236,14 @@ def ensemble_cost(task: str, samples: dict, weights: dict) -> dict[str, float]:
 
 
 def training_cost(per_model: dict, weights: dict) -> dict:
-    """Samples each member saw in training, the shipped ensemble's total (members that
-    run) and all trainings' total (the compute the search chose from)."""
+    """Samples each trained member saw in training, the shipped ensemble's total (the
+    trainings its members run: a TTA candidate's is its model's, counted once) and all
+    trainings' total (the compute the search chose from)."""
     seen = {m: e["training"]["samples_seen"] for m, e in per_model.items() if "training" in e}
     if len(seen) < len(per_model):
         return {}
-    shipped = ensemble_members(weights)
+    seen = {m: n for m, n in seen.items() if not is_candidate(m)}
+    shipped = trained_models(ensemble_members(weights))
     return {
         "samples_seen": seen,
         "ensemble_samples_seen": sum(seen[m] for m in shipped),

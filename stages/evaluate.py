@@ -20,7 +20,8 @@ from mri_ensemble.data.prepared import scored_splits
 from mri_ensemble.io import atomic_path, write_json
 from mri_ensemble.nets import count_parameters
 from mri_ensemble.tasks import get_task
-from mri_ensemble.train import load_model, resolve_device, set_threads_from_env
+from mri_ensemble.train import resolve_device, set_threads_from_env
+from mri_ensemble.tta import load_member
 
 from .common import cli, flatten, get, load_params, log, model_entry
 from .tracking import mlflow_run, remembered_run
@@ -36,30 +37,46 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params()
     entry = model_entry(params, args.name)
+    evaluate(params, entry["task"], entry["model"], args.checkpoint, args.data, args.out,
+             remembered_run(args.name))  # fmt: skip
+
+
+def evaluate(
+    params: dict,
+    task_name: str,
+    model_name: str,
+    checkpoint: Path,
+    data_dir: Path,
+    out: Path,
+    run_id: str | None,
+    tags: dict[str, str] | None = None,
+) -> dict:
+    """Score ``checkpoint`` (as an ensemble runs it: :func:`load_member`) on every scored
+    split of ``data_dir``, write its outputs and metrics.json to ``out``, log the scores to
+    MLflow run ``run_id`` (None: a new run named ``model_name``); returns the metrics."""
     set_threads_from_env()
     device = resolve_device(get(params, "device"))
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = load_member(checkpoint, device)
     metrics: dict = {"params": count_parameters(model), "best_epoch": ckpt["epoch"]}
-    summary = args.checkpoint.parent / "summary.json"
+    summary = checkpoint.parent / "summary.json"
     if summary.is_file():  # what the training cost, in samples (the same on every machine)
         done = json.loads(summary.read_text())
         if "samples_seen" in done:
             metrics["training"] = {k: int(done[k]) for k in ("samples_seen", "epochs_run")}
-    task = get_task(entry["task"])
-    splits = scored_splits(args.data)
-    with atomic_path(args.out) as tmp:
+    task = get_task(task_name)
+    splits = scored_splits(data_dir)
+    with atomic_path(out) as tmp:
         tmp.mkdir()
         for split in splits:
-            data = task.read(args.data / f"{split}.h5")
+            data = task.read(data_dir / f"{split}.h5")
             outputs = task.predict(model, data, device, True, split)
             metrics[split] = task.score(
                 outputs, task.truth(data), data.case, task.class_names(data)
             )
-            task.write_outputs(tmp / f"{split}.h5", outputs, data.case, {"model": entry["model"]})
+            task.write_outputs(tmp / f"{split}.h5", outputs, data.case, {"model": model_name})
         write_json(tmp / "metrics.json", metrics)
-    run_id = remembered_run(args.name)
-    tags = {"task": task.name, "model": entry["model"], "kind": "model"}
-    with mlflow_run(params, entry["model"], tags, run_id=run_id) as run:
+    tags = {"task": task.name, "model": model_name, "kind": "model", **(tags or {})}
+    with mlflow_run(params, model_name, tags, run_id=run_id) as run:
         # val_* is the per-epoch series of the training run; the best checkpoint's val
         # scores are best_val_*, test scores test_*, shifted sets' shift_<name>_* (same
         # names for every model).
@@ -73,11 +90,13 @@ def main() -> None:
         )
     key = task.key_metric
     log.info(
-        "%s: %s %s",
-        args.name,
+        "%s-%s: %s %s",
+        task.name,
+        model_name,
         key,
         ", ".join(f"{split} {metrics[split][key]:.4f}" for split in splits),
     )
+    return metrics
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import TASKS
 from mri_ensemble.tasks.reconstruction import zero_filled
 from mri_ensemble.tasks.segmentation import class_names_of
+from mri_ensemble.tta import base_model, best_single, is_candidate, trained_models
 
 from .common import cli, get, load_params, log, task_models, weights_array
 
@@ -46,6 +47,7 @@ SUMMARY_TITLES = {
     "methods": "ensemble methods",
     "trust": "where to distrust the ensemble",
     "distill": "the ensemble distilled into one model",
+    "tta": "test-time augmentation against a second model",
 }
 
 
@@ -75,6 +77,47 @@ def fmt_weights(weights: dict) -> str:
         f"{m} " + ("/".join(f"{x:.2f}" for x in w.values()) if isinstance(w, dict) else f"{w:.2f}")
         for m, w in weights.items()
     )
+
+
+def tta_answer(cost: dict, per_model: dict, key: str, label: str) -> list[str]:
+    """Per TTA candidate: its test score against its own model's and against the best
+    ensemble (by size, greedy order) that costs no more MACs per slice: does averaging one
+    model's flips beat adding a second model at the same compute?"""
+    macs = cost.get("member_macs", {})
+    lines = []
+    for name in per_model:
+        if not is_candidate(name) or name not in macs or base_model(name) not in macs:
+            continue
+        model = base_model(name)
+        ours, plain = per_model[name]["test"][key], per_model[model]["test"][key]
+        within = [
+            r for r in cost["sizes"] if r["size"] >= 2 and r["macs"] <= macs[name] * (1 + 1e-9)
+        ]
+        best = max(within, key=lambda r: r[f"test_{key}"]) if within else None
+        text = (
+            f"**Test-time augmentation:** {name} ({macs[name] / macs[model]:.0f}x {model}'s "
+            f"MACs, {macs[name] / 1e9:.3f} GMACs/slice) scores test {label} {ours:.4f} against "
+            f"{plain:.4f} for {model} alone ({ours - plain:+.4f})"
+        )
+        if best is not None:
+            members = ", ".join(best["members"])
+            verdict = "beat" if ours > best[f"test_{key}"] else "do not beat"
+            text += (
+                f"; within the same compute the best ensemble of two or more is size {best['size']} "
+                f"({members}, {best['macs'] / 1e9:.3f} GMACs/slice) at {best[f'test_{key}']:.4f}: "
+                f"the flips {verdict} a second model there"
+            )
+        elif pairs := [r for r in cost["sizes"] if r["size"] >= 2]:
+            cheapest = min(pairs, key=lambda r: r["macs"])
+            verdict = "beat" if ours > cheapest[f"test_{key}"] else "do not beat"
+            text += (
+                f"; no ensemble of two or more fits in that compute, the cheapest one (size "
+                f"{cheapest['size']} in greedy order: {', '.join(cheapest['members'])}) costs "
+                f"{cheapest['macs'] / macs[name]:.2f}x the flips' MACs and scores "
+                f"{cheapest[f'test_{key}']:.4f}: the flips {verdict} it"
+            )
+        lines += ["", text + "."]
+    return lines
 
 
 def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]:
@@ -140,13 +183,24 @@ def ensemble_science(task: str, key: str, rep: Path, figures: Path) -> list[str]
         ]
     if cost is not None:
         lines += ["", f"**Recommendation:** {cost['recommendation']}"]
+        per_model = json.loads(metrics_file.read_text())["models"] if metrics_file.is_file() else {}
+        singles = {m: (cost["member_macs"][m] / 1e9, per_model[m]["test"][key])
+                   for m in per_model if m in cost.get("member_macs", {})}  # fmt: skip
+        lines += tta_answer(cost, per_model, key, label)
         plot_pareto(
-            [(f"{r['size']}", r["macs"] / 1e9, r[f"test_{key}"]) for r in cost["sizes"]],
+            [(f"size {r['size']}", r["macs"] / 1e9, r[f"test_{key}"]) for r in cost["sizes"]]
+            + [(m, x, y) for m, (x, y) in singles.items()],
             figures / f"{task}_pareto.png",
             "GMACs per slice",
             f"test {label}",
         )
-        lines += ["", f"![Pareto](figures/{task}_pareto.png)"]
+        lines += [
+            "",
+            "Ensembles by size (greedy order) and every single candidate (each model, each "
+            "test-time-augmented model `<model>-flip`):",
+            "",
+            f"![Pareto](figures/{task}_pareto.png)",
+        ]
     lines += [
         "",
         "### Leave-one-out contribution",
@@ -313,7 +367,7 @@ def shifted_block(task: str, metrics: dict) -> list[str]:
             )
             + ".",
         ]
-    best = max(metrics["models"], key=lambda m: metrics["models"][m]["val"][key])
+    best = best_single(metrics["models"], key)
     worst_gap = min(
         metrics["ensemble"][s][key] - metrics["models"][best][s][key] for s in ("test", *splits)
     )
@@ -373,17 +427,19 @@ def task_section(task: str, params: dict, args: argparse.Namespace, figures: Pat
         cells = (_cell(scores.get(s), m) for s, m, _ in columns)
         return f"| {name} | {n:,} | " + " | ".join(cells) + " |"
 
-    params_of = {m: int(metrics["models"][m]["params"]) for m in models}
+    candidates = list(metrics["models"])  # the models, then their TTA candidates
+    params_of = {m: int(metrics["models"][m]["params"]) for m in candidates}
     members = ensemble_members(ens["weights"])  # what predict, the registry and cost run
-    kept = sum(params_of[m] for m in members)
-    lines += [row(m, params_of[m], metrics["models"][m]) for m in models]
+    kept = sum(params_of[m] for m in trained_models(members))
+    lines += [row(m, params_of[m], metrics["models"][m]) for m in candidates]
     w = fmt_weights(ens["weights"])
     lines.append(row(f"**ensemble** ({ens['method']}: {w})", kept, ens))
-    lines.append(row("unweighted mean", sum(params_of.values()), details["unweighted_mean"]))
+    lines.append(row("unweighted mean", sum(params_of[m] for m in trained_models(candidates)),
+                     details["unweighted_mean"]))  # fmt: skip
     for name, title in t.report_baselines:
         if name in metrics["baselines"]:
             lines.append(row(title, 0, metrics["baselines"][name]))
-    best = max(models, key=lambda m: metrics["models"][m]["val"][key])
+    best = best_single(metrics["models"], key)
     b = metrics["models"][best]
     lines += [
         "",
@@ -397,11 +453,11 @@ def task_section(task: str, params: dict, args: argparse.Namespace, figures: Pat
     plot_loss_curves(histories, figures / f"{task}_loss_curves.png", title=task.capitalize())
     idx = spec.slices(test, int(get(params, "report.overlay_slices", 4)))
     outputs = np.stack(
-        [t.read_outputs(args.predictions / task / m / "test.h5")[0][idx] for m in models]
+        [t.read_outputs(args.predictions / task / m / "test.h5")[0][idx] for m in candidates]
     )  # (M, k, ...)
-    weights = weights_array(ens["weights"], models)
-    own = spec.figures(test, idx, outputs, weights, metrics, models, figures)
-    points = {m: (params_of[m] / 1e6, metrics["models"][m]["test"][key]) for m in models}
+    weights = weights_array(ens["weights"], candidates)
+    own = spec.figures(test, idx, outputs, weights, metrics, candidates, figures)
+    points = {m: (params_of[m] / 1e6, metrics["models"][m]["test"][key]) for m in candidates}
     points["ensemble"] = (kept / 1e6, ens["test"][key])
     for name, point in spec.gain_cost_baselines:
         points[point] = (0.0, metrics["baselines"][name]["test"][key])
@@ -560,17 +616,18 @@ def results_block(task: str, metrics: dict, cost: dict | None) -> str:
         lines.append(row(m, params[m], metrics["models"][m]))
     lines.append(
         row(f"**ensemble** ({ens['method']}: {fmt_weights(ens['weights'])})",
-            sum(params[m] for m in members), ens)
+            sum(params[m] for m in trained_models(members)), ens)
     )  # fmt: skip
     if mean is not None:
-        lines.append(row(f"unweighted mean of the {len(models)}", sum(params.values()), mean))
+        lines.append(row(f"unweighted mean of the {len(models)}",
+                         sum(params[m] for m in trained_models(models)), mean))  # fmt: skip
     for name, title in TASKS[task].report_baselines:
         if name in metrics["baselines"]:
             lines.append(row(title, 0, metrics["baselines"][name]))
-    best = max(models, key=lambda m: metrics["models"][m]["val"][key])
+    best = best_single(metrics["models"], key)
     b = metrics["models"][best]
     gain = ens["test"][key] - b["test"][key]
-    ratio = sum(params[m] for m in members) / params[best]
+    ratio = sum(params[m] for m in trained_models(members)) / params[best]
     sentence = (
         f"Best single model on val: {best}. The shipped ensemble ({len(members)} members) "
         f"changes test {label} by {gain:+.4f} ({ens['test'][key]:.4f} vs {b['test'][key]:.4f}) "
@@ -642,6 +699,16 @@ def readme_blocks(reports: Path) -> dict[str, str]:
     if metrics:
         out["methods"] = methods_block(metrics)
         out["trust"] = trust_block(metrics)
+    answers = []  # per TTA candidate: does it beat a second model at its compute?
+    for task in metrics:
+        cost_file = reports / task / "cost.json"
+        if cost_file.is_file():
+            key = TASKS[task].key_metric
+            label = {"iou": "IoU", "ssim": "SSIM"}.get(key, key)
+            cost = json.loads(cost_file.read_text())
+            answers += tta_answer(cost, metrics[task]["models"], key, label)
+    if answers:
+        out["tta"] = "\n".join(answers[1:])  # the lines come each after a blank one
     students = {t: reports / t / "student.json" for t in metrics}
     students = {t: json.loads(f.read_text()) for t, f in students.items() if f.is_file()}
     if students:
@@ -673,7 +740,8 @@ def distill_block(metrics: dict[str, dict], students: dict[str, dict], reports: 
             (f"best single on val ({best})", m["models"][best]["params"], gmacs([best]),
              "best_single"),
             (f"**ensemble** ({len(members)} members)",
-             sum(m["models"][n]["params"] for n in members), gmacs(members), "ensemble"),
+             sum(m["models"][n]["params"] for n in trained_models(members)), gmacs(members),
+             "ensemble"),
             (f"student ({st['student']['trained_from']} {how}, alpha {st['student']['alpha']:g}, "
              f"{st['student']['training']['epochs_run']} epochs)", st["student"]["params"],
              gmacs([STUDENT]), "student"),

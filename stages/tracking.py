@@ -124,6 +124,7 @@ class RunLogger:
         self.pending: list[tuple[str, Callable[[], None]]] = []
         self.down_since: float | None = None
         self.buffered_total = 0  # calls that had to wait for the backlog (for tests, logs)
+        self.refused: list[str] = []  # calls the store refused as invalid (dropped)
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
         self.pending.append((what, fn))
@@ -137,6 +138,14 @@ class RunLogger:
                 with _no_http_retries():
                     fn()
             except Exception as exc:  # any store failure: HTTP, connection, sqlite lock
+                if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                    # the store answered and refused this call (a name it does not take):
+                    # no retry can change that, so it is dropped and the others go on
+                    log.error("MLflow tracking at %s refused %s: %s", self.uri, what,
+                              _one_line(exc))  # fmt: skip
+                    self.pending.pop(0)
+                    self.refused.append(what)
+                    continue
                 if self.down_since is None:
                     self.down_since = time.monotonic()
                     log.warning(

@@ -17,7 +17,11 @@ def test_the_plan_of_the_default_project():
     plan = read_plan(ROOT, train)
     tasks = ("segmentation", "reconstruction")
     assert plan.data == {t: [f"ingest@{t}", f"augment@{t}"] for t in tasks}
-    assert plan.branches == {k: [f"train@{k}", f"evaluate@{k}"] for k in train}
+    tta = yaml.safe_load((ROOT / "params.yaml").read_text())["tta"]  # its TTA candidate too
+    assert plan.branches == {
+        k: [f"train@{k}", *([f"tta@{k}"] if k in tta else []), f"evaluate@{k}"] for k in train
+    }
+    assert tta and set(tta) <= set(train)
     assert plan.after == {
         "segmentation": ["ensemble@segmentation", "distill@segmentation", "cost@segmentation"],
         "reconstruction": ["ensemble@reconstruction", "cost@reconstruction"],
@@ -46,6 +50,7 @@ def test_a_new_stage_lands_where_its_deps_put_it(tmp_path: Path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     del params["train"]["segmentation-unet"]
+    params["tta"].pop("segmentation-unet", None)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     plan = read_plan(tmp_path, params["train"])
     seg = plan.after["segmentation"]

@@ -50,6 +50,7 @@ def deploy_params() -> dict:
     p = tiny_params()
     keep = ("segmentation-unet", "segmentation-attention_unet", "reconstruction-varnet")
     p["train"] = {k: p["train"][k] for k in keep}
+    p["tta"] = {}  # the TTA candidate end to end: the tiny run (test_pipeline.py)
     for entry in p["train"].values():
         entry["optim"]["epochs"] = 1
     return p
@@ -326,6 +327,7 @@ def test_train_model_deployment_retrains_that_model_only(served: Served):
         "train+evaluate segmentation-unet",
         "train@segmentation-unet",
         "evaluate@segmentation-unet",
+        "tta@segmentation-unet",  # the U-Net's TTA candidate: its weights are the U-Net's
         "ensemble segmentation",
         "ensemble@segmentation",
         "distill@segmentation",

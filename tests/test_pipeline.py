@@ -27,6 +27,7 @@ from mri_ensemble.data.prepared import read_segmentation_h5 as read_segmentation
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("unet", "attention_unet", "unetpp")
 RECON_MODELS = ("attention_unet", "varnet", "dircn_attention")
+CANDIDATES = (*MODELS, "unet-flip")  # the tiny profile's one TTA candidate (tta@segmentation-unet)
 
 
 def tiny_params() -> dict:
@@ -43,6 +44,7 @@ def tiny_params() -> dict:
     # DIRCN's U-Net inner network: test_varnet_dircn.py)
     p["train"] = {k: e for k, e in p["train"].items()
                   if e["model"] in (MODELS if e["task"] == "segmentation" else RECON_MODELS)}  # fmt: skip
+    p["tta"] = {"segmentation-unet": p["tta"]["segmentation-unet"]}  # one TTA candidate
     p["augment"]["segmentation"]["copies"] = 1
     p["train"]["segmentation-unet"]["net"]["features"] = [4, 8, 16]
     p["train"]["segmentation-attention_unet"]["net"]["channels"] = [4, 8, 16]
@@ -127,8 +129,8 @@ def mtimes(proj: Path) -> dict[str, int]:
 
 def test_flow_writes_every_output(project: Path):
     metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
-    assert set(metrics["models"]) == set(MODELS)
-    for m in MODELS:
+    assert set(metrics["models"]) == set(CANDIDATES)
+    for m in CANDIDATES:
         assert set(metrics["models"][m]) == {
             "val",
             "test",
@@ -146,9 +148,9 @@ def test_flow_writes_every_output(project: Path):
         m: metrics["models"][m]["training"]["samples_seen"] for m in MODELS
     }
     ens = metrics["ensemble"]
-    assert set(ens["weights"]) == set(MODELS)
+    assert set(ens["weights"]) == set(CANDIDATES)
     assert sum(ens["weights"].values()) == pytest.approx(1.0)
-    best_val = max(metrics["models"][m]["val"]["iou"] for m in MODELS)
+    best_val = max(metrics["models"][m]["val"]["iou"] for m in CANDIDATES)
     assert ens["val"]["iou"] >= best_val - 1e-9, (
         "searched on val: never below the best single model"
     )
@@ -202,13 +204,14 @@ def test_flow_compares_methods_and_measures_cost(project: Path, task: str, key: 
     assert [s["size"] for s in cost["sizes"]] == [s["size"] for s in sizes]
     from mri_ensemble.cost import recommend
     from mri_ensemble.ensemble import ensemble_members
+    from mri_ensemble.tta import trained_models  # a TTA candidate's weights: its model's
 
     students = {"student"} if task in params.get("distill", {}) else set()  # distill@<task>
     assert set(cost["member_macs"]) == set(metrics["models"]) | students
     for row, size in zip(cost["sizes"], sizes, strict=True):
         runs = ensemble_members(size["weights"])
         assert row["macs"] == pytest.approx(sum(cost["member_macs"][m] for m in runs))
-        assert row["params"] == sum(cost["member_params"][m] for m in runs)
+        assert row["params"] == sum(cost["member_params"][m] for m in trained_models(runs))
     assert all(m > 0 for m in cost["member_macs"].values())
     assert cost["recommendation"] == recommend(cost["sizes"], key)
     assert "latency" not in json.dumps(cost), "machine timings stay out of the outputs"
@@ -224,7 +227,7 @@ def test_flow_distils_the_ensemble_into_a_student_that_predict_serves(project: P
     block, and afterwards an ordinary model (its own MLflow run, ``--model student``)."""
     metrics = json.loads((project / "reports/segmentation/metrics.json").read_text())
     st = json.loads((project / "reports/segmentation/student.json").read_text())
-    best = max(metrics["models"], key=lambda m: metrics["models"][m]["val"]["iou"])
+    best = max(MODELS, key=lambda m: metrics["models"][m]["val"]["iou"])  # one pass: no TTA
     assert st["student"]["trained_from"] == best == st["compared"]["best_single_model"]
     assert st["student"]["init"] == "trained" and st["student"]["alpha"] == 0.5
     assert st["student"]["params"] == metrics["models"][best]["params"]
@@ -261,6 +264,48 @@ def test_flow_distils_the_ensemble_into_a_student_that_predict_serves(project: P
               "-o", str(project / "scan_student.nii.gz"), "--no-progress"], project)  # fmt: skip
     labels = np.asarray(nib.load(project / "scan_student.nii.gz").dataobj)
     assert labels.shape == test[:3].transpose(2, 1, 0).shape, out.stdout + out.stderr
+
+
+def test_flow_adds_the_tta_candidate_to_the_search_costed_as_its_passes(project: Path):
+    """tta@segmentation-unet: unet-flip is the trained U-Net's weights (same parameters, same
+    training, counted once) averaged over four mirrored passes: a candidate of the weight
+    search with four times the U-Net's MACs, answered in the report, served by predict."""
+    import torch
+
+    seg = project / "reports/segmentation"
+    metrics = json.loads((seg / "metrics.json").read_text())
+    unet, flip = metrics["models"]["unet"], metrics["models"]["unet-flip"]
+    assert flip["params"] == unet["params"] and flip["training"] == unet["training"]
+    assert "unet-flip" not in metrics["training"]["samples_seen"]  # trained once: the U-Net
+    ckpt = torch.load(project / "models/segmentation/unet-flip/best.pt", weights_only=False)
+    assert ckpt["tta"] == {"axes": [-1, -2], "from": "unet"}
+    assert ckpt["meta"]["model"] == "unet-flip"
+    trained = torch.load(project / "models/segmentation/unet/best.pt", weights_only=False)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in trained["state_dict"].items())
+    details = json.loads((seg / "ensemble.json").read_text())
+    assert "unet-flip" in details["sizes"][-1]["members"]  # the greedy order reached it
+    cost = json.loads((seg / "cost.json").read_text())
+    assert cost["member_macs"]["unet-flip"] == pytest.approx(4 * cost["member_macs"]["unet"])
+    assert cost["member_params"]["unet-flip"] == cost["member_params"]["unet"]
+    full = cost["sizes"][-1]  # every candidate: the U-Net's weights counted once
+    assert full["params"] == sum(v for m, v in cost["member_params"].items()
+                                 if m in full["members"] and m != "unet-flip")  # fmt: skip
+    assert details["sizes"][-1]["params"] == full["params"]
+    report = (project / "reports/report.md").read_text()
+    assert "**Test-time augmentation:** unet-flip (4x unet's MACs" in report
+    assert f"{flip['test']['iou']:.4f} against {unet['test']['iou']:.4f} for unet alone" in report
+    import nibabel as nib
+
+    test = np.asarray(read_segmentation(project / "data/prepared/segmentation/test.h5").image)
+    nib.save(nib.Nifti1Image(test[:2].transpose(2, 1, 0), np.diag([4.5, 4.5, 10.0, 1.0])),
+             project / "flip.nii.gz")  # fmt: skip
+    for model in ("unet", "unet-flip"):
+        sh([sys.executable, "-m", "mri_ensemble.cli", "predict", "--task", "segmentation",
+            "--model", model, "--root", str(project), "-i", str(project / "flip.nii.gz"),
+            "-o", str(project / f"flip_{model}.nii.gz"), "--no-progress"], project)  # fmt: skip
+    plain, tta = (np.asarray(nib.load(project / f"flip_{m}.nii.gz").dataobj)
+                  for m in ("unet", "unet-flip"))  # fmt: skip
+    assert plain.shape == tta.shape == test[:2].transpose(2, 1, 0).shape
 
 
 @pytest.mark.parametrize("task, flag", [("segmentation", "dice"), ("reconstruction", "ssim")])

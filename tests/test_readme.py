@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_results_are_the_committed_metrics():
     blocks = readme_blocks(ROOT / "reports")
-    assert set(blocks) == {"segmentation", "reconstruction", "methods", "trust", "distill"}
+    assert set(blocks) == {"segmentation", "reconstruction", "methods", "trust", "distill", "tta"}
     stale = sync_readme(ROOT / "README.md", blocks, check=True)
     assert not stale, (
         f"README results of {stale} differ: python -m stages.report --readme README.md"

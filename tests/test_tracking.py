@@ -82,6 +82,25 @@ def test_a_backlog_that_cannot_be_sent_is_named_and_does_not_raise(caplog):
     assert "next try in 1 s" in caplog.text  # it did retry
 
 
+def test_a_call_the_store_refuses_is_dropped_at_once_and_the_others_go_on(tmp_path, caplog):
+    """A real (sqlite) store refusing a param name: one error naming it, no retrying as if
+    the store were down, the run's other calls sent and the run ended."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    run = RunLogger(client, run_id, "sqlite")
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="stages.tracking"):
+        run.log_params({"weight.a+b": 0.5})  # '+': not a name MLflow takes
+        run.log_metrics({"loss": 1.0}, step=1)
+        run.close("FINISHED", wait=60)
+    assert time.monotonic() - t0 < 30 and run.refused == ["params"] and not run.pending
+    assert any("refused params" in r.getMessage() for r in caplog.records)
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics == {"loss": 1.0}
+
+
 def test_environment_wins_over_params_for_the_tracking_uri(monkeypatch):
     params = {"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..mri.consistency import consistent_image_np
+from ..tta import trained_models
 from .fusion import SearchResult
 from .optimise import SearchConfig, crossfit, forward_selection, leave_one_out, search
 
@@ -148,7 +149,8 @@ def sizes_and_leave_one_out(
                 "weights": weights_json(result.weights, names, t["names"]),
                 f"val_{key}": result.score,
                 f"test_{key}": test_score(result, members),
-                "params": int(sum(params_of[n] for n in names)),
+                # a TTA candidate runs its model's weights: each set counted once
+                "params": int(sum(params_of[n] for n in trained_models(names))),
             }
         )
     full = sizes[-1]
