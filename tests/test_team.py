@@ -15,7 +15,7 @@ restarted mid-run finishes and loses no point; one whose server is not there at 
 at once with one line (exit status 1, which the flow retries).
 
 Needs Debian's ``postgresql`` and the ``team`` extra (``pip install -e '.[team]'``); with
-``CI`` set a missing piece fails instead of skipping. About 6 minutes of a core.
+``CI`` set a missing piece fails instead of skipping. About 6 minutes on 2 cores (363 s alone).
 """
 
 from __future__ import annotations
