@@ -57,3 +57,12 @@ def read_plan(root: Path, train: Mapping[str, Mapping[str, Any]]) -> Plan:
     }
     placed = own | {s for v in (*data.values(), *after.values()) for s in v}
     return Plan(data, branches, after, [s for s in order if s not in placed])
+
+
+def stale_stages(root: Path) -> list[str]:
+    """The stages ``dvc status`` finds stale in the project at ``root`` now (changed deps,
+    params, command or outs; missing outs), by name: what ``dvc repro -s`` would run."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return sorted(repo.status())

@@ -6,6 +6,9 @@ then the shipped ensemble of each task is registered in the MLflow model registr
 Every step is ``dvc --wait-for-lock repro -s <stage>``: DVC decides what is stale, so a
 second run with nothing changed is a no-op, and ``models=[...]`` reruns only those
 models (``force=True`` retrains them even when nothing changed) and what depends on them.
+A stage that ``dvc status`` found up to date when the flow started, with nothing before
+it in its chain run since, is not handed to DVC again (its task run says so): a no-op
+rerun costs one status, not one DVC process per stage.
 
 All MLflow runs of one execution are grouped under a parent run; its id reaches the stage
 processes through ``MRI_ENSEMBLE_PARENT_RUN_ID``.
@@ -51,7 +54,7 @@ from prefect.states import State
 
 from flows import cluster as dask_cluster
 from flows.cluster import ClusterError
-from flows.dag import Plan, read_plan
+from flows.dag import Plan, read_plan, stale_stages
 from flows.placement import plan_slots, visible_gpus
 from stages.common import flatten
 from stages.tracking import PARENT_RUN_ENV, SHARE_ENV, experiment_name, tracking_uri
@@ -88,16 +91,23 @@ def dvc_stage(
     root: str | None = None,
     pull: bool = False,
     upstream: bool = False,
-) -> str:
+    clean: bool = False,
+) -> bool:
     """Run one DVC stage (``upstream``: and the stale ones before it) in ``root`` (default:
     this checkout); ``pull``: outputs found in the remote's run-cache are restored instead
-    of recomputed. Raises on a non-zero exit so Prefect marks it failed (and retries)."""
+    of recomputed. Raises on a non-zero exit so Prefect marks it failed (and retries).
+
+    ``clean``: the caller knows the stage is up to date (:func:`run_chain`): no DVC runs.
+    Returns whether the workspace may have changed (False: DVC skipped it unchanged)."""
     logger = get_run_logger()
+    if clean and not force:
+        logger.info("%s up to date (dvc status when the flow started)", stage)
+        return False
     cmd = ["dvc", "--wait-for-lock", "repro", *(["--pull"] if pull else []),
            *([] if upstream else ["-s"]), stage, *(["-f"] if force else [])]  # fmt: skip
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=15)
-    skipped = False
+    skipped = unchanged = False
     # stream the stage's log lines (one per epoch while training) into the Prefect log
     with subprocess.Popen(
         cmd,
@@ -111,7 +121,8 @@ def dvc_stage(
         for raw in proc.stdout:
             line = raw.rstrip()
             tail.append(line)
-            skipped |= "didn't change, skipping" in line or "is cached - skipping" in line
+            unchanged |= "didn't change, skipping" in line
+            skipped |= unchanged or "is cached - skipping" in line  # restored: changed
             if LOG_LINE.match(line) or line.startswith(("error:", "Running stage", "Stage '")):
                 logger.info(line)
     if proc.returncode != 0:
@@ -122,40 +133,65 @@ def dvc_stage(
     logger.info(
         "%s %s in %.1f s", stage, "up to date" if skipped else "ran", time.perf_counter() - t0
     )
-    return stage
+    return not unchanged
+
+
+def run_chain(
+    stages: list[str],
+    env: dict[str, str],
+    stale: list[str] | None = None,
+    upstream_ran: bool = False,
+    force: bool = False,
+) -> bool:
+    """These stages in order, each a :func:`dvc_stage` task run (``force``: the first
+    forced). ``stale``: the stages ``dvc status`` found stale when the flow started (None:
+    unknown); one not among them is skipped without DVC while nothing before it has run,
+    here or upstream (``upstream_ran``). Returns whether anything may have changed."""
+    ran = upstream_ran
+    for i, stage in enumerate(stages):
+        clean = stale is not None and stage not in stale and not ran
+        ran |= dvc_stage(stage, env, force and i == 0, clean=clean)
+    return ran
 
 
 @task(cache_policy=NO_CACHE, task_run_name="ingest+augment {name}")
-def prepare(name: str, stages: list[str], env: dict[str, str]) -> str:
+def prepare(
+    name: str, stages: list[str], env: dict[str, str], stale: list[str] | None = None
+) -> bool:
     """One task's data stages (:class:`flows.dag.Plan` ``data``: ingest@, augment@), in
-    order; the tasks prepare in parallel."""
-    for stage in stages:
-        dvc_stage(stage, env)
-    return name
+    order; the tasks prepare in parallel. Returns whether any may have changed."""
+    return run_chain(stages, env, stale)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train+evaluate {name}")
 def train_and_evaluate(
-    name: str, stages: list[str], env: dict[str, str], force: bool = False
-) -> str:
+    name: str,
+    stages: list[str],
+    env: dict[str, str],
+    force: bool = False,
+    stale: list[str] | None = None,
+    upstream_ran: bool = False,
+) -> bool:
     """One model's branch of the DAG (``Plan.branches``: train@, evaluate@) in one task;
     ``force`` retrains (the first stage).
 
     Each is a nested task run with dvc_stage's retries: a failed evaluate is retried
     alone, without retraining.
     """
-    for i, stage in enumerate(stages):
-        dvc_stage(stage, env, force and i == 0)
-    return name
+    return run_chain(stages, env, stale, upstream_ran, force)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="ensemble {t}")
-def finish_task(t: str, env: dict[str, str], stages: list[str]) -> str:
+def finish_task(
+    t: str,
+    env: dict[str, str],
+    stages: list[str],
+    stale: list[str] | None = None,
+    upstream_ran: bool = False,
+) -> bool:
     """One task's stages after its models (``Plan.after``: ensemble@, distill@, cost@),
-    in order."""
-    for stage in stages:
-        dvc_stage(stage, env)
-    return t
+    in order. Returns whether any may have changed."""
+    return run_chain(stages, env, stale, upstream_ran)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], task_run_name="push {root}")
@@ -282,6 +318,8 @@ def run_dag(
     if remote:
         dask_cluster.check_head(cluster, params)
     plan = read_plan(ROOT, params["train"])
+    # what DVC would run now (what runs makes more stale); the workers' results: unknown
+    stale = None if remote else stale_stages(ROOT)
     mlflow, parent = _parent_run(params)
     env = {PARENT_RUN_ENV: parent}
     t0 = time.perf_counter()
@@ -298,10 +336,11 @@ def run_dag(
             on_workers(params, plan, chosen, tasks, env, force, runner)
             for t in tasks:
                 finish_task(t, after, post[t])
+            ran = True  # the workers' outputs were restored here: let DVC look
         else:
-            _raise_failures(
-                "ingest/augment", {t: prepare.submit(t, plan.data[t], env) for t in tasks}
-            )
+            prepared = {t: prepare.submit(t, plan.data[t], env, stale) for t in tasks}
+            _raise_failures("ingest/augment", prepared)
+            ran_data = {t: bool(f.result()) for t, f in prepared.items()}
             # one branch per model; a branch takes a free slot (a GPU, or a share of the
             # cores) and the next waits until one is free
             futures, running, free = {}, {}, list(slots)
@@ -311,8 +350,10 @@ def run_dag(
                     free.append(running.pop(done))
                 slot = free.pop(0)
                 logger.info("train@%s on %s", name, slot.name)
+                t = params["train"][name]["task"]
                 kwargs = {"name": name, "stages": plan.branches[name],
-                          "env": {**env, **slot.env}, "force": force}  # fmt: skip
+                          "env": {**env, **slot.env}, "force": force, "stale": stale,
+                          "upstream_ran": ran_data[t]}  # fmt: skip
                 futures[name] = (
                     runner.submit(train_and_evaluate, kwargs)  # a LocalCluster's worker
                     if runner is not None
@@ -329,13 +370,14 @@ def run_dag(
                 waiting[t].discard(names[id(done)])
                 mine = [n for n in chosen if params["train"][n]["task"] == t]
                 if not waiting[t] and all(_failure(futures[n]) is None for n in mine):
-                    chains[t] = finish_task.submit(t, after, post[t])
+                    upstream = ran_data[t] or any(futures[n].result() for n in mine)
+                    chains[t] = finish_task.submit(t, after, post[t], stale, upstream)
             failed = {t: _failure(c) for t, c in chains.items()}  # every chain ends first
             _raise_failures("train/evaluate", futures, "; the other models' results are kept")
             if any(failed.values()):
                 _raise_failures("ensemble/distill/cost", chains)
-        for stage in plan.joins:
-            dvc_stage(stage, after)
+            ran = any(ran_data.values()) or any(bool(c.result()) for c in chains.values())
+        run_chain(plan.joins, after, stale, ran)
         mlflow.log_artifact(str(ROOT / "reports" / "report.md"))
         mlflow.log_artifacts(str(ROOT / "reports" / "figures"), artifact_path="figures")
         for t in tasks:
