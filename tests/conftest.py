@@ -15,11 +15,18 @@ fill in at the end, instead of one worker running a long module alone at the end
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# two workers share two cores: one torch (OpenMP) thread per process, the tests' and the
+# stages' they start (a flow's trainings get their share from the flow, as in a real run).
+# Two threads per process on a core the other worker is using spin and wait: the in-process
+# network tests took 21 s with one core busy elsewhere, 14 s on one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # by measured duration (make test's --durations), longest first; the rest keep their order
 FIRST = ("test_team.py", "test_pipeline.py", "test_deploy.py", "test_stages.py", "test_ddp.py")
