@@ -33,7 +33,8 @@ from mri_ensemble.figures import (
     plot_segmentation_overlays,
     plot_uncertainty_maps,
 )
-from mri_ensemble.io import atomic_path
+from mri_ensemble.io import atomic_path, write_json
+from mri_ensemble.machine import fingerprint
 from mri_ensemble.project import STUDENT
 from mri_ensemble.tasks import TASKS
 from mri_ensemble.tasks.reconstruction import zero_filled
@@ -831,6 +832,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="the report (markdown)")
     ap.add_argument("--figures", type=Path, help="folder of the report's figures")
     ap.add_argument(
+        "--platform", type=Path, help="write the CPU/torch fingerprint the bytes hold on here"
+    )
+    ap.add_argument(
         "--readme", type=Path, help="instead of the report: rewrite this README's results blocks"
     )
     ap.add_argument("--check", action="store_true", help="with --readme: only compare, exit 1")
@@ -872,6 +876,8 @@ def main() -> None:
                 lines += task_section(task, params, args, tmp_fig)
     with atomic_path(args.out) as tmp:
         tmp.write_text("\n".join(lines))
+    if args.platform is not None:  # the bytes hold per CPU type (mri_ensemble/machine.py)
+        write_json(args.platform, fingerprint())
     log.info("wrote %s and %s/", args.out, args.figures)
 
 

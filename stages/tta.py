@@ -1,7 +1,8 @@
 """tta@<task>-<model>: the model's test-time-augmentation candidate ``<model>-flip``.
 
 Writes ``<out>/best.pt``, the trained checkpoint with a ``"tta"`` entry (its logits averaged
-over the input mirrored along ``tta.<task>-<model>.axes``, :mod:`mri_ensemble.tta`) and the
+over the input mirrored along ``tta.<task>-<model>.axes`` and, with ``rot90: true``, turned
+by quarter turns, :mod:`mri_ensemble.tta`) and the
 training's ``summary.json``, then evaluates it exactly as evaluate@ evaluates a model
 (``--predictions``: its outputs and metrics.json on every scored split, scores in its own
 MLflow run). The weight search then sees it as one more candidate, with the training of the
@@ -19,16 +20,17 @@ import torch
 from mri_ensemble.errors import ConfigError
 from mri_ensemble.io import atomic_path
 from mri_ensemble.train import load_checkpoint
-from mri_ensemble.tta import candidate, check_axes, tta_checkpoint
+from mri_ensemble.tta import candidate, check_axes, check_rot90, tta_checkpoint
 
 from .common import cli, get, load_params, model_entry
 from .evaluate import evaluate
 
 
 def tta_entry(params: dict, name: str) -> dict:
-    """The ``tta.<task>-<model>`` entry: a trained model's key and its flip axes, checked."""
+    """The ``tta.<task>-<model>`` entry: a trained model's key, its flip axes and whether
+    it averages the quarter turns too (``rot90``, default false), checked."""
     entry = get(params, f"tta.{name}", kind=dict)
-    known = {"task", "model", "axes"}
+    known = {"task", "model", "axes", "rot90"}
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ConfigError(
@@ -46,7 +48,13 @@ def tta_entry(params: dict, name: str) -> dict:
             f"params.yaml: tta.{name}: test-time flips are for segmentation only (a mirrored "
             "acquisition needs its k-space, mask and GRAPPA image mirrored with it)"
         )
-    return {**trained, "axes": check_axes(entry.get("axes"), f"params.yaml: tta.{name}")}
+    where = f"params.yaml: tta.{name}"
+    rot90 = check_rot90(entry.get("rot90"), where)
+    return {
+        **trained,
+        "axes": check_axes(entry.get("axes"), where, allow_empty=rot90),
+        "rot90": rot90,
+    }
 
 
 @cli
@@ -61,7 +69,7 @@ def main() -> None:
     params = load_params()
     entry = tta_entry(params, args.name)
     name = candidate(entry["model"])
-    state = tta_checkpoint(load_checkpoint(args.checkpoint), entry["axes"], name)
+    state = tta_checkpoint(load_checkpoint(args.checkpoint), entry["axes"], name, entry["rot90"])
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
         torch.save(state, tmp / "best.pt")

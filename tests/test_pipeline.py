@@ -156,7 +156,12 @@ def test_flow_writes_every_output(project: Path):
     )
     assert "test" in metrics["baselines"]["threshold"]
     report = (project / "reports/report.md").read_text()
+    from mri_ensemble.machine import fingerprint
     from stages.report import readme_blocks
+
+    # the bytes hold per CPU type: the run names the one it ran on (this machine)
+    made_on = json.loads((project / "reports/platform.json").read_text())
+    assert made_on == fingerprint() and made_on["cpu_isa"] is not None
 
     blocks = readme_blocks(project / "reports")
     assert blocks["segmentation"] in report and blocks["reconstruction"] in report
